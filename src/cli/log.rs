@@ -1,0 +1,49 @@
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use troops::deploy::record::RunStore;
+use troops::paths::Layout;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Print this run's full output.
+    run: Option<u64>,
+    /// Print JSON for machines.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(root: &Path, args: &Args) -> Result<u8> {
+    let store = RunStore::new(Layout::new(root).runs());
+    if let Some(id) = args.run {
+        let record = store
+            .load(id)
+            .with_context(|| format!("no run {id} in {}", store.dir().display()))?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&record)?);
+            return Ok(0);
+        }
+        let text = std::fs::read_to_string(&record.output)
+            .with_context(|| format!("failed to read {}", record.output.display()))?;
+        print!("{text}");
+        return Ok(0);
+    }
+    let runs = store.list();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&runs)?);
+        return Ok(0);
+    }
+    for r in runs {
+        println!(
+            "{:>5}  {}  {:<11}  {}  {:<8} {:>7.1}s{}",
+            r.id,
+            r.started,
+            format!("{:?}", r.result).to_lowercase(),
+            r.commit.short(),
+            r.trigger,
+            r.duration_ms as f64 / 1000.0,
+            r.error.as_deref().map(|e| format!("  {e}")).unwrap_or_default()
+        );
+    }
+    Ok(0)
+}

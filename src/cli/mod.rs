@@ -1,0 +1,74 @@
+//! Command-line parsing and one module per subcommand. Only this layer knows about the
+//! terminal.
+
+pub mod deploy;
+pub mod fetch_worker;
+pub mod init;
+pub mod log;
+pub mod pull;
+pub mod run;
+pub mod status;
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "troops", version, about = "Make this machine deploy itself from git")]
+pub struct Cli {
+    /// Prefix for every node path (/etc/troops, /var/lib/troops, /run/troops), like dpkg --root.
+    #[arg(long, global = true, env = "TROOPS_ROOT", default_value = "/")]
+    pub root: PathBuf,
+
+    /// Log more (-v: debug, -vv: trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Set the node up: bare repo, remotes, settings. Safe to run again.
+    Init(init::Args),
+    /// Fetch every remote, fast-forward the branch, deploy if it moved.
+    Pull,
+    /// Run deploy.py for the current branch head now.
+    Deploy,
+    /// What the node has, what it deployed, and what its remotes said.
+    Status(status::Args),
+    /// Past runs, newest first; `log RUN` prints one run's output.
+    Log(log::Args),
+    /// Run a working copy's deploy.py locally, with no node state.
+    Run(run::Args),
+    #[command(name = "__fetch", hide = true)]
+    Fetch(fetch_worker::Args),
+}
+
+/// Where a run's output goes when a person is watching: stdout, a line at a time. When
+/// stdout is already the journal (under systemd) the journal layer has it, so nothing.
+pub fn terminal(stdout_is_journal: bool) -> Box<dyn troops::output::Output> {
+    if stdout_is_journal {
+        return Box::new(troops::output::Discard);
+    }
+    Box::new(|line: &str| {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    })
+}
+
+/// Take the node lock, saying so if another run holds it.
+pub fn lock_node(layout: &troops::paths::Layout) -> anyhow::Result<troops::lock::NodeLock> {
+    use anyhow::Context;
+    let path = layout.lock_file();
+    troops::lock::acquire(&path, || {
+        eprintln!(
+            "troops: another troops run holds {}; waiting for it to finish",
+            path.display()
+        )
+    })
+    .with_context(|| format!("failed to lock {}", path.display()))
+}

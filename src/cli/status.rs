@@ -1,0 +1,88 @@
+use std::path::Path;
+
+use anyhow::Result;
+use serde_json::json;
+use troops::deploy::DEPLOYED_REF;
+use troops::deploy::record::RunStore;
+use troops::node::Node;
+use troops::pull::PullReport;
+use troops::repo::Repo;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Print JSON for machines.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(root: &Path, args: &Args) -> Result<u8> {
+    let node = Node::open(root)?;
+    let layout = &node.layout;
+    let repo = Repo::open(&layout.repo())?;
+    let branch = &node.settings.branch;
+    let head = repo.ref_target(&format!("refs/heads/{branch}"))?;
+    let deployed = repo.ref_target(DEPLOYED_REF)?;
+    let last = RunStore::new(layout.runs()).latest();
+    let pull = PullReport::load(&layout.pull_report());
+    let remotes = repo.remotes();
+
+    if args.json {
+        let value = json!({
+            "root": root,
+            "branch": branch,
+            "head": head,
+            "deployed": deployed,
+            "roles": node.settings.roles,
+            "remotes": remotes.iter().map(|(n, u)| json!({"name": n, "url": u})).collect::<Vec<_>>(),
+            "last_run": last,
+            "last_pull": pull,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(0);
+    }
+    let short = |c: Option<troops::repo::CommitId>| c.map_or("(none)".to_string(), |c| c.short());
+    println!("node      {}", root.display());
+    println!(
+        "branch    {branch} at {}{}",
+        short(head),
+        if head == deployed { ", deployed".to_string() } else { format!(", deployed {}", short(deployed)) }
+    );
+    println!("roles     {}", node.settings.roles.join(" "));
+    if let Some(r) = &last {
+        println!(
+            "last run  {} {:?} {} at {} ({}, {:.1}s){}",
+            r.id,
+            r.result,
+            r.commit.short(),
+            r.started,
+            r.trigger,
+            r.duration_ms as f64 / 1000.0,
+            r.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+        );
+    }
+    match &pull {
+        None => println!("last pull (never)"),
+        Some(p) => {
+            println!("last pull {}", p.time);
+            for r in &p.remotes {
+                let what = match (&r.problem, r.tip, &r.standing) {
+                    (Some(problem), _, _) => format!("PROBLEM: {problem}"),
+                    (None, Some(t), Some(s)) => format!("{} {s}", t.short()),
+                    _ => r.fetch.clone(),
+                };
+                println!("  {:<10} {:<40} {what}", r.name, r.url);
+            }
+            if !p.disagree.is_empty() {
+                println!(
+                    "WARNING   remotes {} disagree (their tips diverge); the node stays at {}",
+                    p.disagree.join(" and "),
+                    short(head)
+                );
+            }
+            if let Some(w) = &p.waiting {
+                println!("waiting   {w}");
+            }
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,253 @@
+//! The deploy pipeline (DESIGN.md, "Deploy"): materialise the commit, find or build its venv,
+//! run deploy.py, move `refs/troops/deployed` on success, and record the run either way.
+//! The caller holds the node lock.
+
+pub mod module;
+pub mod python;
+pub mod record;
+pub mod runner;
+pub mod venv;
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
+
+use thiserror::Error;
+
+use crate::fsutil;
+use crate::node::Node;
+use crate::output::Output;
+use crate::repo::{CommitId, Repo, RepoError};
+use record::{Outcome, RunRecord, RunStore};
+
+pub const DEPLOYED_REF: &str = "refs/troops/deployed";
+
+/// Problems that stop a run from even being recorded. Everything else (no deploy.py, a venv
+/// that won't build, deploy.py failing) is a failed run with a one-line error.
+#[derive(Debug, Error)]
+pub enum DeployError {
+    #[error("failed to write the run record in {path}: {source}")]
+    Record { path: PathBuf, source: io::Error },
+}
+
+/// Streams a run's output to its log file, the journal and whoever is attached.
+struct RunLog<'a> {
+    file: Option<File>,
+    out: &'a mut dyn Output,
+    commit: String,
+    run_id: u64,
+}
+
+impl RunLog<'_> {
+    fn line(&mut self, line: &str) {
+        if let Some(f) = &mut self.file {
+            let _ = writeln!(f, "{line}");
+        }
+        tracing::info!(target: "troops::output", commit = %self.commit, run_id = self.run_id, "{line}");
+        self.out.line(line);
+    }
+}
+
+/// Build `commit`'s tree into `work/<commit>` from scratch, and drop older checkouts.
+fn materialise(repo: &Repo, commit: CommitId, work: &Path) -> Result<PathBuf, String> {
+    fsutil::create_dirs(work, 0o755).map_err(|e| format!("{}: {e}", work.display()))?;
+    // Leftovers of a run that died mid-checkout, and checkouts of older commits.
+    for entry in fs::read_dir(work).into_iter().flatten().flatten() {
+        let _ = fs::remove_dir_all(entry.path());
+    }
+    let tmp = work.join(format!(".tmp-{commit}"));
+    let dest = work.join(commit.to_string());
+    repo.checkout(commit, &tmp).map_err(|e| e.to_string())?;
+    fs::rename(&tmp, &dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+    fsutil::sync_dir(work).map_err(|e| format!("{}: {e}", work.display()))?;
+    Ok(dest)
+}
+
+/// The ids of repo-local paths requirements.txt names, from the commit's tree.
+fn local_ids(repo: &Repo, commit: CommitId, requirements: &str) -> Result<Vec<(String, String)>, RepoError> {
+    let mut ids = Vec::new();
+    for path in venv::local_paths(requirements) {
+        let id = match venv::in_repo(&path) {
+            Some(p) => repo.entry_id(commit, &p)?.unwrap_or_else(|| "missing".into()),
+            // Outside the repository: nothing to track it by but its name.
+            None => "outside".into(),
+        };
+        ids.push((path, id));
+    }
+    Ok(ids)
+}
+
+/// Deploy `commit` now. Returns the run's record; a failed deploy is `Ok` with
+/// `result: Failed`.
+pub fn deploy(
+    node: &Node,
+    repo: &Repo,
+    commit: CommitId,
+    trigger: &str,
+    out: &mut dyn Output,
+) -> Result<RunRecord, DeployError> {
+    let layout = &node.layout;
+    let settings = &node.settings;
+    let store = RunStore::new(layout.runs());
+    let record_err = |source| DeployError::Record {
+        path: layout.runs(),
+        source,
+    };
+    fsutil::create_dirs(&layout.runs(), 0o755).map_err(record_err)?;
+    store.mark_interrupted().map_err(record_err)?;
+    let previous = repo.ref_target(DEPLOYED_REF).ok().flatten();
+    let id = store.next_id();
+    let started = Instant::now();
+    let mut record = RunRecord {
+        id,
+        commit,
+        previous,
+        trigger: trigger.to_owned(),
+        started: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        duration_ms: 0,
+        result: Outcome::Running,
+        exit_code: None,
+        error: None,
+        roles: settings.roles.clone(),
+        deployables: Vec::new(),
+        venv: None,
+        output: store.log_path(id),
+    };
+    store.save(&record).map_err(record_err)?;
+    let file = File::create(store.log_path(id)).ok();
+    let mut log = RunLog {
+        file,
+        out,
+        commit: commit.to_string(),
+        run_id: id,
+    };
+    tracing::info!(commit = %commit, run_id = id, trigger, "deploying {}", commit.short());
+    log.line(&format!(
+        "troops: run {id}: deploying {} (was {})",
+        commit.short(),
+        previous.map_or("nothing".into(), |p| p.short())
+    ));
+
+    let result = run_steps(node, repo, commit, previous, &mut record, &mut log);
+    record.duration_ms = started.elapsed().as_millis() as u64;
+    match result {
+        Ok(()) => {
+            match repo.update_ref(DEPLOYED_REF, commit, previous, &format!("troops: deployed (run {id})")) {
+                Ok(()) => record.result = Outcome::Success,
+                Err(e) => {
+                    record.result = Outcome::Failed;
+                    record.error = Some(e.to_string());
+                }
+            }
+        }
+        Err(e) => {
+            record.result = Outcome::Failed;
+            record.error = Some(e);
+        }
+    }
+    match (&record.result, &record.error) {
+        (Outcome::Success, _) => log.line(&format!(
+            "troops: run {id}: deployed {} in {:.1}s",
+            commit.short(),
+            record.duration_ms as f64 / 1000.0
+        )),
+        (_, Some(e)) => {
+            tracing::error!(commit = %commit, run_id = id, "run {id} failed: {e}");
+            log.line(&format!("troops: run {id}: FAILED: {e}"));
+        }
+        _ => {}
+    }
+    if let Some(f) = &log.file {
+        let _ = f.sync_all();
+    }
+    store.save(&record).map_err(record_err)?;
+    store.prune(settings.keep_runs);
+    Ok(record)
+}
+
+fn run_steps(
+    node: &Node,
+    repo: &Repo,
+    commit: CommitId,
+    previous: Option<CommitId>,
+    record: &mut RunRecord,
+    log: &mut RunLog<'_>,
+) -> Result<(), String> {
+    let layout = &node.layout;
+    let settings = &node.settings;
+    let short = commit.short();
+    if repo
+        .read_file(commit, "deploy.py")
+        .map_err(|e| e.to_string())?
+        .is_none()
+    {
+        return Err(format!("commit {short} has no deploy.py at the top of its tree"));
+    }
+    let checkout = materialise(repo, commit, &layout.work())?;
+
+    let requirements = repo
+        .read_file(commit, "requirements.txt")
+        .map_err(|e| e.to_string())?;
+    let local = match &requirements {
+        Some(r) => local_ids(repo, commit, &String::from_utf8_lossy(r)).map_err(|e| e.to_string())?,
+        None => Vec::new(),
+    };
+    let module_dir = module::locate(&layout.python_module_copy()).map_err(|e| e.to_string())?;
+    let spec = venv::VenvSpec {
+        python: settings.python.clone(),
+        requirements,
+        local_ids: local,
+        module_dir,
+        installer: settings.installer,
+    };
+    let (venv_dir, built) = venv::ensure(&layout.venvs(), &spec, &checkout, &mut |l| log.line(l))
+        .map_err(|e| format!("commit {short}: {e}"))?;
+    let venv_key = venv_dir.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    if !built {
+        log.line(&format!("troops: reusing virtualenv {venv_key}"));
+    }
+    record.venv = Some(venv_key);
+
+    let context = python::Context {
+        roles: settings.roles.clone(),
+        commit: Some(commit.to_string()),
+        previous_commit: previous.map(|p| p.to_string()),
+        settings: serde_json::to_value(settings).unwrap_or_default(),
+        hostname: settings.hostname.clone(),
+    };
+    let scratch = layout.runs().join(record.id.to_string());
+    let outcome = python::run_deploy_py(&venv_dir, &checkout, &context, &scratch, &mut |l| log.line(l))
+        .map_err(|e| format!("failed to run deploy.py with {}: {e}", venv_dir.join("bin/python").display()))?;
+    record.exit_code = outcome.exit_code;
+    if let Some(r) = &outcome.results {
+        record.roles = r.roles.clone();
+        record.deployables = r.deployables.clone();
+        for d in &r.deployables {
+            log.line(&format!(
+                "troops: deployable {}: {}{}",
+                d.name,
+                d.status,
+                d.detail.as_deref().map(|x| format!(" ({x})")).unwrap_or_default()
+            ));
+        }
+    }
+    venv::prune(&layout.venvs(), 3);
+    if outcome.succeeded() {
+        return Ok(());
+    }
+    let failed: Vec<&str> = outcome
+        .results
+        .iter()
+        .flat_map(|r| &r.deployables)
+        .filter(|d| d.status == "failed")
+        .map(|d| d.name.as_str())
+        .collect();
+    Err(match (outcome.exit_code, failed.as_slice()) {
+        (_, [_, ..]) if outcome.results.as_ref().is_some_and(|r| r.top_level == "ok") => {
+            format!("commit {short}: deploy.py deployable {} failed", failed.join(", "))
+        }
+        (Some(code), _) => format!("commit {short}: deploy.py exited with status {code}"),
+        (None, _) => format!("commit {short}: deploy.py was killed by a signal"),
+    })
+}

@@ -1,0 +1,145 @@
+//! Run records: one JSON file per run in /var/lib/troops/runs, beside the run's full output.
+//! Ids are small increasing numbers so an operator can type `troops log 42`; they are handed
+//! out under the node lock.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::fsutil;
+use crate::repo::CommitId;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Running,
+    Success,
+    Failed,
+    /// The run's process died before it could say (killed, power cut).
+    Interrupted,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployableResult {
+    pub name: String,
+    /// ran, skipped or failed.
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub id: u64,
+    pub commit: CommitId,
+    pub previous: Option<CommitId>,
+    /// What started it: `pull`, `deploy`, later `push by <user>`.
+    pub trigger: String,
+    /// RFC 3339, UTC.
+    pub started: String,
+    pub duration_ms: u64,
+    pub result: Outcome,
+    pub exit_code: Option<i32>,
+    /// One line saying what went wrong, naming the thing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub roles: Vec<String>,
+    pub deployables: Vec<DeployableResult>,
+    pub venv: Option<String>,
+    pub output: PathBuf,
+}
+
+pub struct RunStore {
+    dir: PathBuf,
+}
+
+impl RunStore {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        RunStore { dir: dir.into() }
+    }
+
+    fn record_path(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("{id}.json"))
+    }
+
+    pub fn log_path(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("{id}.log"))
+    }
+
+    fn ids(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_suffix(".json")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// The next id; call with the node lock held.
+    pub fn next_id(&self) -> u64 {
+        self.ids().last().map_or(1, |l| l + 1)
+    }
+
+    pub fn save(&self, record: &RunRecord) -> std::io::Result<()> {
+        fsutil::create_dirs(&self.dir, 0o755)?;
+        let json = serde_json::to_vec_pretty(record).expect("run records serialise");
+        fsutil::write_atomic(&self.record_path(record.id), &json, 0o644)
+    }
+
+    pub fn load(&self, id: u64) -> std::io::Result<RunRecord> {
+        let text = fs::read(self.record_path(id))?;
+        serde_json::from_slice(&text).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: {e}", self.record_path(id).display()),
+            )
+        })
+    }
+
+    /// Newest first.
+    pub fn list(&self) -> Vec<RunRecord> {
+        self.ids().into_iter().rev().filter_map(|id| self.load(id).ok()).collect()
+    }
+
+    pub fn latest(&self) -> Option<RunRecord> {
+        self.ids().into_iter().rev().find_map(|id| self.load(id).ok())
+    }
+
+    /// Records still marked running belong to runs that died, since the caller holds the
+    /// lock: say so instead of leaving them running forever.
+    pub fn mark_interrupted(&self) -> std::io::Result<()> {
+        for id in self.ids() {
+            if let Ok(mut r) = self.load(id)
+                && r.result == Outcome::Running
+            {
+                r.result = Outcome::Interrupted;
+                r.error = Some("the run was interrupted before it finished".into());
+                self.save(&r)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Keep the newest `keep` runs.
+    pub fn prune(&self, keep: usize) {
+        let ids = self.ids();
+        let excess = ids.len().saturating_sub(keep);
+        for &id in &ids[..excess] {
+            let _ = fs::remove_file(self.record_path(id));
+            let _ = fs::remove_file(self.log_path(id));
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}

@@ -1,0 +1,87 @@
+//! Child processes of a deploy (the installer, deploy.py): a clean, small environment, stdin
+//! from /dev/null, stdout and stderr merged into one pipe so lines keep their order, read
+//! line by line as they come.
+
+use std::io::{self, BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus, Stdio};
+
+pub const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Variables a deploy may need from the agent's environment; everything else is dropped.
+const PASS_THROUGH: &[&str] = &["http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"];
+
+pub struct Invocation {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub cwd: PathBuf,
+    /// Run as if the venv were activated: its bin first on PATH, VIRTUAL_ENV set.
+    pub venv: Option<PathBuf>,
+    pub env: Vec<(String, String)>,
+}
+
+fn home() -> String {
+    // SAFETY: getuid cannot fail.
+    if unsafe { libc::getuid() } == 0 {
+        "/root".into()
+    } else {
+        std::env::var("HOME").unwrap_or_else(|_| "/".into())
+    }
+}
+
+/// Run `inv`, handing each line of its output to `on_line`, and return its exit status.
+pub fn run(inv: &Invocation, on_line: &mut dyn FnMut(&str)) -> io::Result<ExitStatus> {
+    let (reader, writer) = io::pipe()?;
+    let mut cmd = Command::new(&inv.program);
+    cmd.args(&inv.args)
+        .current_dir(&inv.cwd)
+        .env_clear()
+        .env("HOME", home())
+        .env("LANG", "C.UTF-8")
+        .env("PYTHONUNBUFFERED", "1")
+        .stdin(Stdio::null())
+        .stdout(writer.try_clone()?)
+        .stderr(writer);
+    for var in PASS_THROUGH {
+        if let Some(v) = std::env::var_os(var) {
+            cmd.env(var, v);
+        }
+    }
+    match &inv.venv {
+        Some(venv) => {
+            cmd.env("PATH", format!("{}:{SYSTEM_PATH}", venv.join("bin").display()));
+            cmd.env("VIRTUAL_ENV", venv);
+        }
+        None => {
+            cmd.env("PATH", SYSTEM_PATH);
+        }
+    }
+    for (k, v) in &inv.env {
+        cmd.env(k, v);
+    }
+    // SAFETY: prctl is async-signal-safe. If the agent dies (kill -9), the deploy dies with
+    // it instead of running on unobserved; the next pull starts it again.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    // The parent's copies of the write end must be gone, or the read below never ends.
+    drop(cmd);
+    let mut reader = BufReader::new(reader);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        if reader.read_until(b'\n', &mut buf)? == 0 {
+            break;
+        }
+        let line = String::from_utf8_lossy(&buf);
+        on_line(line.trim_end_matches(['\n', '\r']));
+    }
+    child.wait()
+}

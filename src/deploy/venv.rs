@@ -1,0 +1,356 @@
+//! Virtualenvs, content-addressed by what they were built from: the interpreter, the
+//! requirements.txt, and the ids of any repo-local paths it names. An unchanged set reuses
+//! the venv without running an installer; a changed local package always gets a new one.
+//!
+//! A venv is not relocatable (pip writes absolute shebangs), so it is built at its final path
+//! and only counts once its `.troops-ready` marker exists; a half-built one is removed and
+//! built again.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use crate::fsutil;
+use crate::settings::Installer;
+
+use super::runner::{self, Invocation};
+
+const READY: &str = ".troops-ready";
+/// Bump when the way venvs are made changes, so old ones are not reused.
+const RECIPE: &str = "troops-venv-1";
+
+#[derive(Debug, Error)]
+pub enum VenvError {
+    #[error("interpreter {path}: {source}")]
+    Interpreter { path: PathBuf, source: io::Error },
+    #[error("failed to create the virtualenv {path}: {message}")]
+    Create { path: PathBuf, message: String },
+    #[error("requirements.txt failed to install with {installer} (exit {code}); see the run log")]
+    Install { installer: &'static str, code: String },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// Everything a venv is built from.
+#[derive(Debug, Clone)]
+pub struct VenvSpec {
+    pub python: PathBuf,
+    pub requirements: Option<Vec<u8>>,
+    /// `(path as written in requirements.txt, content id)` for every repo-local path.
+    pub local_ids: Vec<(String, String)>,
+    /// Directory holding `troops.abi3.so`, put on the venv's path by a `.pth` file.
+    pub module_dir: PathBuf,
+    pub installer: Installer,
+}
+
+/// The interpreter's identity without running it: its resolved path, size and mtime change
+/// whenever the distribution upgrades it.
+fn interpreter_identity(python: &Path) -> Result<String, VenvError> {
+    let err = |source| VenvError::Interpreter {
+        path: python.to_owned(),
+        source,
+    };
+    let real = fs::canonicalize(python).map_err(err)?;
+    let meta = fs::metadata(&real).map_err(err)?;
+    Ok(format!(
+        "{} {} {}.{}",
+        real.display(),
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec()
+    ))
+}
+
+pub fn key(spec: &VenvSpec) -> Result<String, VenvError> {
+    let mut h = Sha256::new();
+    h.update(RECIPE);
+    h.update([0]);
+    h.update(interpreter_identity(&spec.python)?);
+    h.update([0]);
+    h.update(spec.module_dir.as_os_str().as_encoded_bytes());
+    h.update([0]);
+    h.update(spec.requirements.as_deref().unwrap_or(b"\0none"));
+    for (path, id) in &spec.local_ids {
+        h.update([0]);
+        h.update(path);
+        h.update([0]);
+        h.update(id);
+    }
+    let digest = h.finalize();
+    Ok(digest[..12].iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Repo-local paths a requirements file names: `./pkg`, `-e ../lib`, `file:./x`,
+/// `name @ file:./x`, and the files of `-r`/`-c`. Paths are as written, relative to the
+/// repository root (where the installer runs).
+pub fn local_paths(requirements: &str) -> Vec<String> {
+    let mut paths = Vec::new();
+    for raw in requirements.lines() {
+        let line = match raw.find(" #") {
+            Some(i) => &raw[..i],
+            None => raw,
+        }
+        .trim();
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let mut words = line.split_whitespace().peekable();
+        while let Some(w) = words.next() {
+            let value = match w {
+                "-e" | "--editable" | "-r" | "--requirement" | "-c" | "--constraint" => {
+                    words.next()
+                }
+                _ => Some(w),
+            };
+            let Some(v) = value else { continue };
+            let v = v
+                .strip_prefix("--requirement=")
+                .or_else(|| v.strip_prefix("--constraint="))
+                .or_else(|| v.strip_prefix("--editable="))
+                .unwrap_or(v);
+            let v = v.strip_prefix("file:").unwrap_or(v);
+            if v.starts_with("./") || v.starts_with("../") || v == "." {
+                paths.push(v.to_owned());
+            } else if matches!(w, "-r" | "--requirement" | "-c" | "--constraint") && !v.contains("://") {
+                paths.push(v.to_owned());
+            }
+        }
+    }
+    paths.sort();
+    paths.dedup();
+    paths
+}
+
+/// A path as written in requirements.txt, resolved inside the repository; `None` if it
+/// leaves it.
+pub fn in_repo(path: &str) -> Option<String> {
+    let mut parts: Vec<&str> = Vec::new();
+    for c in path.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop()?;
+            }
+            c => parts.push(c),
+        }
+    }
+    Some(parts.join("/"))
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(program))
+        .find(|p| p.is_file())
+}
+
+/// Find the venv for `spec` in `venvs`, or build it, running the installer in `cwd` (the
+/// checkout) with its output sent to `on_line`. Returns the venv's path and whether it was
+/// built now.
+pub fn ensure(
+    venvs: &Path,
+    spec: &VenvSpec,
+    cwd: &Path,
+    on_line: &mut dyn FnMut(&str),
+) -> Result<(PathBuf, bool), VenvError> {
+    let key = key(spec)?;
+    let dir = venvs.join(&key);
+    let io_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| VenvError::Io { path, source }
+    };
+    if dir.join(READY).exists() {
+        // Touch the marker: pruning keeps the recently used.
+        let _ = fs::File::options().append(true).open(dir.join(READY)).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+        return Ok((dir, false));
+    }
+    fsutil::create_dirs(venvs, 0o755).map_err(io_err(venvs))?;
+    if dir.exists() {
+        on_line(&format!("troops: removing the unfinished virtualenv {}", dir.display()));
+        fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+    }
+    on_line(&format!("troops: building virtualenv {key} with {}", spec.python.display()));
+    // Always with pip: deploy.py may `import pip` (the seed's pattern), and ensurepip needs no
+    // network.
+    let made = Command::new(&spec.python)
+        .args(["-m", "venv"])
+        .arg(&dir)
+        .env_clear()
+        .env("PATH", runner::SYSTEM_PATH)
+        .env("LANG", "C.UTF-8")
+        .output()
+        .map_err(|e| VenvError::Create {
+            path: dir.clone(),
+            message: format!("{}: {e}", spec.python.display()),
+        })?;
+    if !made.status.success() {
+        let _ = fs::remove_dir_all(&dir);
+        return Err(VenvError::Create {
+            path: dir,
+            message: String::from_utf8_lossy(&made.stderr)
+                .lines()
+                .last()
+                .unwrap_or("python -m venv failed")
+                .to_owned(),
+        });
+    }
+    let site = site_packages(&dir).map_err(io_err(&dir))?;
+    let pth = format!("{}\n", spec.module_dir.display());
+    fs::write(site.join("troops.pth"), pth).map_err(io_err(&site))?;
+
+    if spec.requirements.is_some() {
+        let python = dir.join("bin/python");
+        let (installer, program, args): (&'static str, PathBuf, Vec<String>) =
+            match (spec.installer, which("uv")) {
+                (Installer::Uv, None) => {
+                    return Err(VenvError::Create {
+                        path: dir,
+                        message: "installer = \"uv\" but uv is not on PATH".into(),
+                    });
+                }
+                (Installer::Auto | Installer::Uv, Some(uv)) => (
+                    "uv",
+                    uv,
+                    vec![
+                        "pip".into(),
+                        "install".into(),
+                        "--python".into(),
+                        python.display().to_string(),
+                        "-r".into(),
+                        "requirements.txt".into(),
+                    ],
+                ),
+                _ => (
+                    "pip",
+                    python.clone(),
+                    ["-m", "pip", "install", "--disable-pip-version-check", "-r", "requirements.txt"]
+                        .map(String::from)
+                        .to_vec(),
+                ),
+            };
+        on_line(&format!("troops: installing requirements.txt with {installer}"));
+        let inv = Invocation {
+            program,
+            args,
+            cwd: cwd.to_owned(),
+            venv: Some(dir.clone()),
+            env: Vec::new(),
+        };
+        let status = runner::run(&inv, on_line).map_err(|source| VenvError::Io {
+            path: cwd.to_owned(),
+            source,
+        })?;
+        if !status.success() {
+            let _ = fs::remove_dir_all(&dir);
+            return Err(VenvError::Install {
+                installer,
+                code: status.code().map_or("by a signal".into(), |c| c.to_string()),
+            });
+        }
+    }
+    fsutil::write_atomic(&dir.join(READY), key.as_bytes(), 0o644).map_err(io_err(&dir))?;
+    Ok((dir, true))
+}
+
+fn site_packages(venv: &Path) -> io::Result<PathBuf> {
+    for entry in fs::read_dir(venv.join("lib"))? {
+        let p = entry?.path().join("site-packages");
+        if p.is_dir() {
+            return Ok(p);
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::NotFound, "no lib/python*/site-packages"))
+}
+
+/// Keep the `keep` most recently used venvs (and any being built).
+pub fn prune(venvs: &Path, keep: usize) {
+    let mut ready: Vec<(std::time::SystemTime, PathBuf)> = fs::read_dir(venvs)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let marker = e.path().join(READY);
+            Some((fs::metadata(&marker).ok()?.modified().ok()?, e.path()))
+        })
+        .collect();
+    ready.sort();
+    let excess = ready.len().saturating_sub(keep);
+    for (_, path) in &ready[..excess] {
+        let _ = fs::remove_dir_all(path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_local_paths() {
+        let req = "\
+--no-index
+six==1.16
+./pkgs/localpkg
+-e ../outside  # a comment
+mylib @ file:./libs/mylib
+-r extra.txt
+--constraint=constraints.txt
+https://example.com/x.whl
+# ./commented
+";
+        assert_eq!(
+            local_paths(req),
+            vec![
+                "../outside",
+                "./libs/mylib",
+                "./pkgs/localpkg",
+                "constraints.txt",
+                "extra.txt"
+            ]
+        );
+    }
+
+    #[test]
+    fn resolves_inside_the_repo() {
+        assert_eq!(in_repo("./pkgs/x/").as_deref(), Some("pkgs/x"));
+        assert_eq!(in_repo("a/../b").as_deref(), Some("b"));
+        assert_eq!(in_repo("../outside"), None);
+        assert_eq!(in_repo(".").as_deref(), Some(""));
+    }
+}
+
+/// A content id for a path on disk (a working copy's local package), standing in for the tree
+/// id a commit would give: every file's relative path and bytes, in order.
+pub fn disk_id(path: &Path) -> io::Result<String> {
+    fn walk(base: &Path, dir: &Path, h: &mut Sha256) -> io::Result<()> {
+        let meta = fs::symlink_metadata(dir)?;
+        if meta.is_file() {
+            h.update(fs::read(dir)?);
+            return Ok(());
+        }
+        let mut entries: Vec<PathBuf> = fs::read_dir(dir)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
+        entries.sort();
+        for p in entries {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            if matches!(name.as_ref(), ".git" | "__pycache__" | "build") || name.ends_with(".egg-info") {
+                continue;
+            }
+            h.update(p.strip_prefix(base).unwrap_or(&p).as_os_str().as_encoded_bytes());
+            h.update([0]);
+            if p.is_dir() {
+                walk(base, &p, h)?;
+            } else {
+                h.update(fs::read(&p)?);
+            }
+        }
+        Ok(())
+    }
+    let mut h = Sha256::new();
+    walk(path, path, &mut h)?;
+    Ok(h.finalize()[..12].iter().map(|b| format!("{b:02x}")).collect())
+}

@@ -1,0 +1,159 @@
+//! Fetch the followed branch from every remote at once, each within its own deadline.
+//!
+//! Each remote is fetched by a child process (the agent's own binary, `troops __fetch`) in a
+//! process group of its own. gix's blocking transport cannot be interrupted while it waits
+//! on `ssh` or `git-upload-pack`, and an abandoned thread would leave those children behind;
+//! killing the group on timeout takes the whole fetch down with nothing left running.
+
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::repo::CommitId;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "kebab-case")]
+pub enum Fetched {
+    Tip { tip: CommitId },
+    /// The remote answered but has no such branch.
+    NoBranch,
+    Failed { error: String },
+    TimedOut { seconds: u64 },
+}
+
+#[derive(Debug, Clone)]
+pub struct FetchResult {
+    pub remote: String,
+    pub url: String,
+    pub fetched: Fetched,
+}
+
+/// What a `__fetch` worker prints on stdout, and how the parent reads it back.
+pub mod wire {
+    use super::*;
+
+    pub fn tip(tip: Option<CommitId>) -> String {
+        match tip {
+            Some(t) => format!("tip {t}"),
+            None => "no-branch".into(),
+        }
+    }
+
+    pub fn parse(stdout: &str) -> Option<Fetched> {
+        let line = stdout.lines().next()?.trim();
+        if line == "no-branch" {
+            return Some(Fetched::NoBranch);
+        }
+        let tip = line.strip_prefix("tip ")?.parse().ok()?;
+        Some(Fetched::Tip { tip })
+    }
+}
+
+/// Fetch `branch` from each of `remotes` in parallel with `exe --root ROOT __fetch NAME BRANCH`.
+pub fn fetch_all(
+    exe: &Path,
+    root: &Path,
+    remotes: &[(String, String)],
+    branch: &str,
+    timeout: Duration,
+) -> Vec<FetchResult> {
+    let (tx, rx) = mpsc::channel();
+    let mut pending = Vec::new();
+    for (i, (name, _)) in remotes.iter().enumerate() {
+        let spawned = Command::new(exe)
+            .arg("--root")
+            .arg(root)
+            .args(["__fetch", name, branch])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn();
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = tx.send((i, Fetched::Failed { error: format!("failed to start {}: {e}", exe.display()) }));
+                continue;
+            }
+        };
+        pending.push((i, child.id()));
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut out = String::new();
+            let mut err = String::new();
+            if let Some(mut s) = child.stdout.take() {
+                let _ = s.read_to_string(&mut out);
+            }
+            if let Some(mut s) = child.stderr.take() {
+                let _ = s.read_to_string(&mut err);
+            }
+            let status = child.wait();
+            let fetched = match (status, wire::parse(&out)) {
+                (Ok(s), Some(f)) if s.success() => f,
+                (Ok(s), _) => Fetched::Failed {
+                    error: match err.trim() {
+                        "" => format!("fetch exited with {s}"),
+                        e => e.lines().last().unwrap_or(e).to_owned(),
+                    },
+                },
+                (Err(e), _) => Fetched::Failed { error: e.to_string() },
+            };
+            let _ = tx.send((i, fetched));
+        });
+    }
+    drop(tx);
+
+    let deadline = Instant::now() + timeout;
+    let mut results: Vec<Option<Fetched>> = vec![None; remotes.len()];
+    let mut done = 0;
+    while done < remotes.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((i, f)) => {
+                if results[i].is_none() {
+                    results[i] = Some(f);
+                    done += 1;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                for &(i, pid) in &pending {
+                    if results[i].is_none() {
+                        // SAFETY: kill(2) on a process group we created; no memory involved.
+                        unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+                        results[i] = Some(Fetched::TimedOut { seconds: timeout.as_secs() });
+                        done += 1;
+                    }
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    remotes
+        .iter()
+        .zip(results)
+        .map(|((name, url), f)| FetchResult {
+            remote: name.clone(),
+            url: url.clone(),
+            fetched: f.unwrap_or(Fetched::Failed { error: "fetch worker vanished".into() }),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_round_trip() {
+        let t: CommitId = "0123456789abcdef0123456789abcdef01234567".parse().unwrap();
+        assert_eq!(wire::parse(&wire::tip(Some(t))), Some(Fetched::Tip { tip: t }));
+        assert_eq!(wire::parse(&wire::tip(None)), Some(Fetched::NoBranch));
+        assert_eq!(wire::parse("garbage"), None);
+        assert_eq!(wire::parse(""), None);
+    }
+}

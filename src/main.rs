@@ -1,0 +1,79 @@
+//! The `troops` binary: logging, parsing, `run()`, exit codes. Everything else is in the
+//! library and `cli/`.
+
+mod cli;
+
+use std::io::IsTerminal;
+use std::os::unix::fs::MetadataExt;
+use std::process::ExitCode;
+
+use clap::Parser;
+use cli::{Cli, Command};
+use tracing_subscriber::{EnvFilter, Layer, filter::filter_fn, prelude::*};
+
+/// Whether fd `fd` is the journal's stream (`JOURNAL_STREAM` is its `dev:ino`).
+fn is_journal(fd: i32) -> bool {
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(meta) = std::fs::metadata(format!("/proc/self/fd/{fd}")) else {
+        return false;
+    };
+    stream.to_string_lossy() == format!("{}:{}", meta.dev(), meta.ino())
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_env("TROOPS_LOG").unwrap_or_else(|_| EnvFilter::new(level));
+    // Under systemd stderr is the journal already: log there with structured fields instead
+    // of twice as text.
+    let journald = is_journal(2)
+        .then(|| tracing_journald::layer().ok())
+        .flatten()
+        .map(|l| l.with_syslog_identifier("troops".into()).with_field_prefix(None));
+    // A run's output lines reach a person through stdout; the text log would repeat them.
+    let fmt = journald.is_none().then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_target(false)
+            .without_time()
+            .with_filter(filter_fn(|m| m.target() != "troops::output"))
+    });
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(journald)
+        .with(fmt)
+        .init();
+}
+
+fn run(cli: &Cli) -> anyhow::Result<u8> {
+    let root = &cli.root;
+    let journal = is_journal(1);
+    match &cli.command {
+        Command::Init(args) => cli::init::run(root, args),
+        Command::Pull => cli::pull::run(root, journal),
+        Command::Deploy => cli::deploy::run(root, journal),
+        Command::Status(args) => cli::status::run(root, args),
+        Command::Log(args) => cli::log::run(root, args),
+        Command::Run(args) => cli::run::run(args),
+        Command::Fetch(args) => cli::fetch_worker::run(root, args),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match run(&cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            // One line that names what was wrong; the chain is already in the message.
+            eprintln!("troops: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! What an operator may call a remote, a role or a branch, and which remote URLs are allowed.
+//! Checked before anything is written, so a typo never reaches the node's state.
+
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum NameError {
+    #[error("invalid remote name {0:?}: use letters, digits, '-', '_' or '.', starting with a letter or digit")]
+    Remote(String),
+    #[error("invalid role name {0:?}: use letters, digits, '-', '_' or '.', starting with a letter or digit")]
+    Role(String),
+    #[error("invalid branch name {0:?}: {1}")]
+    Branch(String, String),
+    #[error("remote {name:?}: unsupported URL {url:?}: {why}")]
+    Url {
+        name: String,
+        url: String,
+        why: &'static str,
+    },
+    #[error("invalid remote {0:?}: expected NAME=URL")]
+    RemoteSpec(String),
+}
+
+fn is_simple_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+        && s.len() <= 64
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !s.contains("..")
+        && !s.ends_with(".lock")
+}
+
+pub fn check_remote_name(name: &str) -> Result<(), NameError> {
+    is_simple_name(name)
+        .then_some(())
+        .ok_or_else(|| NameError::Remote(name.to_owned()))
+}
+
+pub fn check_role(role: &str) -> Result<(), NameError> {
+    is_simple_name(role)
+        .then_some(())
+        .ok_or_else(|| NameError::Role(role.to_owned()))
+}
+
+/// Git's own rules for a branch name (check-ref-format), minus the ones that only make sense
+/// for other refs.
+pub fn check_branch(branch: &str) -> Result<(), NameError> {
+    let bad = |why: &str| Err(NameError::Branch(branch.to_owned(), why.to_owned()));
+    if branch.is_empty() {
+        return bad("it is empty");
+    }
+    if branch.starts_with('-') || branch.starts_with('/') || branch.ends_with('/') {
+        return bad("it may not start with '-' or '/' or end with '/'");
+    }
+    if branch.contains("..") || branch.contains("//") || branch.contains("@{") {
+        return bad("it may not contain '..', '//' or '@{'");
+    }
+    if branch.ends_with(".lock") || branch.ends_with('.') || branch == "@" || branch == "HEAD" {
+        return bad("it may not be '@' or 'HEAD' or end with '.' or '.lock'");
+    }
+    if branch.split('/').any(|c| c.starts_with('.')) {
+        return bad("no path component may start with '.'");
+    }
+    if branch
+        .chars()
+        .any(|c| c.is_ascii_control() || " ~^:?*[\\".contains(c))
+    {
+        return bad("it may not contain spaces, control characters or any of ~^:?*[\\");
+    }
+    Ok(())
+}
+
+/// Accept the transports a fleet uses: ssh (URL or scp-like), https/http, git, file and plain
+/// local paths. Anything else, and git's `ext::` helper transport above all (it runs an
+/// arbitrary command), is refused.
+pub fn check_url(name: &str, url: &str) -> Result<(), NameError> {
+    let bad = |why| {
+        Err(NameError::Url {
+            name: name.to_owned(),
+            url: url.to_owned(),
+            why,
+        })
+    };
+    if url.is_empty() {
+        return bad("it is empty");
+    }
+    if url.chars().any(|c| c.is_control() || c == ' ') {
+        return bad("it contains spaces or control characters");
+    }
+    if url.starts_with('-') {
+        return bad("it starts with '-'");
+    }
+    if let Some((scheme, rest)) = url.split_once("://") {
+        return match scheme {
+            "ssh" | "git+ssh" | "ssh+git" | "https" | "http" | "git" if !rest.is_empty() => Ok(()),
+            "file" if rest.starts_with('/') => Ok(()),
+            "file" => bad("a file:// URL needs an absolute path"),
+            _ => bad("the scheme must be ssh, https, http, git or file"),
+        };
+    }
+    if url.contains("::") {
+        return bad("remote helper transports (like ext::) are not allowed");
+    }
+    if url.starts_with('/') {
+        return Ok(());
+    }
+    // scp-like `[user@]host:path`; a colon after a slash would make it a relative path.
+    match url.split_once(':') {
+        Some((host, path)) if !host.is_empty() && !host.contains('/') && !path.is_empty() => Ok(()),
+        _ => bad("expected an ssh, https, http, git or file URL, user@host:path, or an absolute path"),
+    }
+}
+
+/// Split `NAME=URL` as given on the command line.
+pub fn parse_remote_spec(spec: &str) -> Result<(String, String), NameError> {
+    let (name, url) = spec
+        .split_once('=')
+        .ok_or_else(|| NameError::RemoteSpec(spec.to_owned()))?;
+    check_remote_name(name)?;
+    check_url(name, url)?;
+    Ok((name.to_owned(), url.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        for ok in [
+            "file:///srv/a.git",
+            "/srv/a.git",
+            "git@repos.example.com:deploy",
+            "ssh://git@host:2222/x.git",
+            "https://git.example.com/deploy.git",
+            "git://host/x",
+        ] {
+            assert_eq!(check_url("o", ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "ext::sh -c touch% /tmp/pwned",
+            "fd::17",
+            "ftp://host/x",
+            "file://relative",
+            "relative/path",
+            "-oProxyCommand=x:y",
+            "",
+            "host:",
+        ] {
+            assert!(check_url("o", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn names() {
+        assert!(check_role("web").is_ok());
+        assert!(check_role("db-primary.eu").is_ok());
+        for bad in ["", "-x", "a b", "a/b", "../x", "x.lock", "é"] {
+            assert!(check_role(bad).is_err(), "{bad}");
+            assert!(check_remote_name(bad).is_err(), "{bad}");
+        }
+        assert!(check_branch("master").is_ok());
+        assert!(check_branch("release/2026").is_ok());
+        for bad in ["", "a..b", "x.lock", "-x", "a b", "a:b", ".hidden", "HEAD", "a/"] {
+            assert!(check_branch(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn remote_spec() {
+        assert_eq!(
+            parse_remote_spec("a=file:///srv/a.git").unwrap(),
+            ("a".into(), "file:///srv/a.git".into())
+        );
+        assert!(matches!(
+            parse_remote_spec("nourl"),
+            Err(NameError::RemoteSpec(_))
+        ));
+        assert!(matches!(
+            parse_remote_spec("x=ext::sh"),
+            Err(NameError::Url { .. })
+        ));
+    }
+}

@@ -1,0 +1,64 @@
+//! Where everything of a node lives, under a root prefix (like `dpkg --root`), so that
+//! tests and benchmarks run many nodes side by side without touching the machine.
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct Layout {
+    root: PathBuf,
+}
+
+impl Layout {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Layout { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn under(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    pub fn etc(&self) -> PathBuf {
+        self.under("etc/troops")
+    }
+    pub fn settings_file(&self) -> PathBuf {
+        self.under("etc/troops/troops.toml")
+    }
+    pub fn state_dir(&self) -> PathBuf {
+        self.under("var/lib/troops")
+    }
+    pub fn repo(&self) -> PathBuf {
+        self.under("var/lib/troops/repo/main.git")
+    }
+    pub fn venvs(&self) -> PathBuf {
+        self.under("var/lib/troops/venvs")
+    }
+    pub fn work(&self) -> PathBuf {
+        self.under("var/lib/troops/work")
+    }
+    pub fn runs(&self) -> PathBuf {
+        self.under("var/lib/troops/runs")
+    }
+    /// Where a module found beside a development build is copied under its importable name.
+    pub fn python_module_copy(&self) -> PathBuf {
+        self.under("var/lib/troops/python")
+    }
+    /// The flock that serialises every pull and deploy on the node.
+    pub fn lock_file(&self) -> PathBuf {
+        self.under("var/lib/troops/lock")
+    }
+    /// What the last pull saw of each remote, for `status`.
+    pub fn pull_report(&self) -> PathBuf {
+        self.under("var/lib/troops/pull.json")
+    }
+    /// Failed attempts at the current commit, for retry backoff.
+    pub fn retry_state(&self) -> PathBuf {
+        self.under("var/lib/troops/retry.json")
+    }
+    pub fn run_dir(&self) -> PathBuf {
+        self.under("run/troops")
+    }
+}

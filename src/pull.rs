@@ -1,0 +1,260 @@
+//! One pull: fetch every remote, choose the target, fast-forward the branch by
+//! compare-and-swap, and deploy when the branch is ahead of what was last deployed.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::backoff::{self, RetryState};
+use crate::deploy::{self, DEPLOYED_REF, record::RunRecord};
+use crate::fetch::{self, Fetched};
+use crate::fsutil;
+use crate::node::Node;
+use crate::output::Output;
+use crate::paths::Layout;
+use crate::repo::{CommitId, Repo, RepoError};
+use crate::target::{self, Offer, Standing};
+
+#[derive(Debug, Error)]
+pub enum PullError {
+    #[error("no remotes are configured in {0} (add one with `troops init --remote NAME=URL` or `git remote add`)")]
+    NoRemotes(String),
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error(transparent)]
+    Deploy(#[from] deploy::DeployError),
+    #[error("failed to write {path}: {source}")]
+    State {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// What the last pull saw of one remote; kept in pull.json for `troops status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RemoteReport {
+    pub name: String,
+    pub url: String,
+    /// tip, no-branch, failed or timed-out.
+    pub fetch: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tip: Option<CommitId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub standing: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PullReport {
+    pub time: String,
+    pub branch: String,
+    pub remotes: Vec<RemoteReport>,
+    pub from: Option<CommitId>,
+    pub to: Option<CommitId>,
+    /// Remotes ahead of the branch that diverge from each other: the node stayed.
+    pub disagree: Vec<String>,
+    /// Why a pending deploy was not attempted this time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
+}
+
+impl PullReport {
+    pub fn load(path: &Path) -> Option<PullReport> {
+        serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+    }
+
+    pub fn problems(&self) -> impl Iterator<Item = &RemoteReport> {
+        self.remotes.iter().filter(|r| r.problem.is_some())
+    }
+
+    pub fn all_remotes_failed(&self) -> bool {
+        !self.remotes.is_empty() && self.remotes.iter().all(|r| r.tip.is_none())
+    }
+}
+
+pub struct PullOutcome {
+    pub report: PullReport,
+    pub run: Option<RunRecord>,
+}
+
+fn load_retry(layout: &Layout) -> Option<RetryState> {
+    serde_json::from_slice(&std::fs::read(layout.retry_state()).ok()?).ok()
+}
+
+fn seen_ref(remote: &str) -> String {
+    format!("refs/troops/seen/{remote}")
+}
+
+fn save_json<T: Serialize>(path: &Path, value: &T) -> Result<(), PullError> {
+    let bytes = serde_json::to_vec_pretty(value).expect("state serialises");
+    fsutil::write_atomic(path, &bytes, 0o644).map_err(|source| PullError::State {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Pull and deploy if needed. `exe` is this program, run once per remote as `__fetch`. The
+/// caller holds the node lock.
+pub fn pull(node: &Node, exe: &Path, out: &mut dyn Output) -> Result<PullOutcome, PullError> {
+    let layout = &node.layout;
+    let settings = &node.settings;
+    let repo = Repo::open(&layout.repo())?;
+    let remotes = repo.remotes();
+    if remotes.is_empty() {
+        return Err(PullError::NoRemotes(layout.repo().display().to_string()));
+    }
+    let branch_ref = format!("refs/heads/{}", settings.branch);
+    let fetched = fetch::fetch_all(
+        exe,
+        layout.root(),
+        &remotes,
+        &settings.branch,
+        Duration::from_secs(settings.fetch_timeout),
+    );
+
+    let local = repo.ref_target(&branch_ref)?;
+    let mut offers = Vec::new();
+    for f in &fetched {
+        if let Fetched::Tip { tip } = f.fetched {
+            offers.push(Offer {
+                remote: f.remote.clone(),
+                tip,
+                seen: repo.ref_target(&seen_ref(&f.remote))?,
+            });
+        }
+    }
+    let decision = target::choose(local, &offers, |a, b| repo.is_ancestor(a, b).unwrap_or(false));
+
+    for (remote, high) in &decision.seen {
+        let old = repo.ref_target(&seen_ref(remote))?;
+        if old != Some(*high) {
+            repo.update_ref(&seen_ref(remote), *high, old, "troops: newest tip seen")?;
+        }
+    }
+
+    let mut remotes_report = Vec::new();
+    for f in &fetched {
+        let standing = decision
+            .standings
+            .iter()
+            .find(|(r, _)| *r == f.remote)
+            .map(|(_, s)| *s);
+        let (fetch, tip, problem) = match &f.fetched {
+            Fetched::Tip { tip } => {
+                let problem = match standing {
+                    Some(Standing::Rewound) => Some(format!(
+                        "went backwards to {}; ignored, the node never rewinds",
+                        tip.short()
+                    )),
+                    Some(Standing::Diverged) => Some(format!(
+                        "{} does not contain the branch; ignored (force-pushed?)",
+                        tip.short()
+                    )),
+                    _ => None,
+                };
+                ("tip", Some(*tip), problem)
+            }
+            Fetched::NoBranch => ("no-branch", None, Some(format!("has no branch {}", settings.branch))),
+            Fetched::Failed { error } => ("failed", None, Some(error.clone())),
+            Fetched::TimedOut { seconds } => ("timed-out", None, Some(format!("no answer within {seconds}s"))),
+        };
+        if let Some(p) = &problem {
+            tracing::warn!(remote = %f.remote, "remote {}: {p}", f.remote);
+            out.line(&format!("troops: remote {} ({}): {p}", f.remote, f.url));
+        }
+        remotes_report.push(RemoteReport {
+            name: f.remote.clone(),
+            url: f.url.clone(),
+            fetch: fetch.into(),
+            tip,
+            standing: standing.map(|s| serde_json::to_value(s).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()),
+            problem,
+        });
+    }
+
+    if !decision.disagree.is_empty() {
+        let msg = format!(
+            "remotes {} disagree: their tips diverge from each other; staying at {}",
+            decision.disagree.join(" and "),
+            local.map_or("nothing".into(), |l| l.short())
+        );
+        tracing::warn!("{msg}");
+        out.line(&format!("troops: {msg}"));
+    }
+    if let Some(t) = decision.target {
+        repo.update_ref(&branch_ref, t, local, "troops: fast-forward from remotes")?;
+        tracing::info!(commit = %t, "{} moved {} -> {}", settings.branch, local.map_or("nothing".into(), |l| l.short()), t.short());
+    }
+    let mut report = PullReport {
+        time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        branch: settings.branch.clone(),
+        remotes: remotes_report,
+        from: local,
+        to: decision.target,
+        disagree: decision.disagree.clone(),
+        waiting: None,
+    };
+
+    let head = repo.ref_target(&branch_ref)?;
+    let deployed = repo.ref_target(DEPLOYED_REF)?;
+    let mut run = None;
+    if let Some(head) = head.filter(|h| Some(*h) != deployed) {
+        let retry = load_retry(layout);
+        let now = backoff::unix_now();
+        match backoff::retry_at(retry.as_ref(), head, now, settings.retry_min, settings.retry_max) {
+            Some(at) => {
+                let when = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(at));
+                let msg = format!(
+                    "deploy of {} failed {} time(s); next attempt after {when}",
+                    head.short(),
+                    retry.as_ref().map_or(0, |r| r.failures)
+                );
+                out.line(&format!("troops: {msg}"));
+                report.waiting = Some(msg);
+            }
+            None => run = Some(deploy_tracked(node, &repo, head, "pull", retry.as_ref(), out)?),
+        }
+    }
+    save_json(&layout.pull_report(), &report)?;
+    Ok(PullOutcome { report, run })
+}
+
+/// Deploy `head` and keep the retry state: cleared on success, one more failure otherwise.
+fn deploy_tracked(
+    node: &Node,
+    repo: &Repo,
+    head: CommitId,
+    trigger: &str,
+    retry: Option<&RetryState>,
+    out: &mut dyn Output,
+) -> Result<RunRecord, PullError> {
+    let layout = &node.layout;
+    let record = deploy::deploy(node, repo, head, trigger, out)?;
+    if record.result == deploy::record::Outcome::Success {
+        let _ = std::fs::remove_file(layout.retry_state());
+    } else {
+        let state = backoff::record_failure(retry, head, backoff::unix_now());
+        save_json(&layout.retry_state(), &state)?;
+    }
+    Ok(record)
+}
+
+#[derive(Debug, Error)]
+#[error("branch {0} does not exist yet: nothing to deploy (run `troops pull` first)")]
+pub struct NothingToDeploy(pub String);
+
+/// Deploy the branch head now, whatever was deployed before and whatever the backoff says:
+/// an operator asked. The caller holds the node lock.
+pub fn deploy_head(node: &Node, trigger: &str, out: &mut dyn Output) -> anyhow::Result<RunRecord> {
+    let layout = &node.layout;
+    let repo = Repo::open(&layout.repo())?;
+    let branch = &node.settings.branch;
+    let head = repo
+        .ref_target(&format!("refs/heads/{branch}"))?
+        .ok_or_else(|| NothingToDeploy(branch.clone()))?;
+    let retry = load_retry(layout);
+    Ok(deploy_tracked(node, &repo, head, trigger, retry.as_ref(), out)?)
+}

@@ -1,0 +1,408 @@
+//! The node's bare repository. This is the only module that talks to gix: opening and
+//! creating the repo, its remotes, fetching one branch, ancestry, compare-and-swap ref
+//! updates, and materialising a commit's tree.
+//!
+//! gix fetches `file://` and local remotes by spawning `git-upload-pack` and ssh remotes by
+//! spawning `ssh`, so both must be installed; the per-remote timeout lives with the caller,
+//! which runs each fetch in its own process group (see `fetch.rs`).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::AtomicBool;
+
+use gix::refs::transaction::{Change, LogChange, PreviousValue, RefEdit, RefLog};
+use gix::remote::Direction;
+use thiserror::Error;
+
+/// A commit id, kept apart from gix's type so the rest of the agent never names gix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CommitId(gix::ObjectId);
+
+impl CommitId {
+    pub fn short(&self) -> String {
+        self.0.to_hex_with_len(12).to_string()
+    }
+}
+
+impl fmt::Display for CommitId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl FromStr for CommitId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        gix::ObjectId::from_hex(s.as_bytes())
+            .map(CommitId)
+            .map_err(|e| format!("{s:?} is not a commit id: {e}"))
+    }
+}
+
+impl serde::Serialize for CommitId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for CommitId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum RepoError {
+    #[error("{path}: failed to {what}: {message}")]
+    Git {
+        path: PathBuf,
+        what: String,
+        message: String,
+    },
+    #[error("remote {remote:?} ({url}): {message}")]
+    Fetch {
+        remote: String,
+        url: String,
+        message: String,
+    },
+    #[error("no remote named {0:?}")]
+    NoSuchRemote(String),
+    #[error("{reference} moved while we were updating it (expected {expected}); nothing was changed")]
+    Moved { reference: String, expected: String },
+    #[error("failed to check out {commit} into {path}: {message}")]
+    Checkout {
+        commit: CommitId,
+        path: PathBuf,
+        message: String,
+    },
+}
+
+/// The whole chain of a gix error on one line: gix nests the useful part deep.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = s.source();
+    }
+    out.replace('\n', " ")
+}
+
+pub struct Repo {
+    repo: gix::Repository,
+    path: PathBuf,
+}
+
+impl Repo {
+    fn err<E: std::error::Error + 'static>(&self, what: impl Into<String>) -> impl FnOnce(E) -> RepoError {
+        let path = self.path.clone();
+        let what = what.into();
+        move |e| RepoError::Git {
+            path,
+            what,
+            message: chain(&e),
+        }
+    }
+
+    pub fn open(path: &Path) -> Result<Repo, RepoError> {
+        let repo = gix::open(path).map_err(|e| RepoError::Git {
+            path: path.to_owned(),
+            what: "open the repository".into(),
+            message: chain(&e),
+        })?;
+        Ok(Repo {
+            repo,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Open the bare repo at `path`, creating it first if it does not exist.
+    pub fn open_or_init(path: &Path) -> Result<Repo, RepoError> {
+        if path.join("HEAD").exists() {
+            return Repo::open(path);
+        }
+        gix::init_bare(path).map_err(|e| RepoError::Git {
+            path: path.to_owned(),
+            what: "create a bare repository".into(),
+            message: chain(&e),
+        })?;
+        Repo::open(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Every remote with its fetch URL, in name order.
+    pub fn remotes(&self) -> Vec<(String, String)> {
+        self.repo
+            .remote_names()
+            .into_iter()
+            .filter_map(|name| {
+                let remote = self.repo.find_remote(name.as_ref() as &gix::bstr::BStr).ok()?;
+                let url = remote.url(Direction::Fetch)?.to_bstring().to_string();
+                Some((name.to_string(), url))
+            })
+            .collect()
+    }
+
+    /// Add a remote, or point an existing one at `url`, as `git remote add/set-url` would.
+    pub fn set_remote(&mut self, name: &str, url: &str) -> Result<(), RepoError> {
+        let config_path = self.repo.git_dir().join("config");
+        let mut config = gix::config::File::from_path_no_includes(
+            config_path.clone(),
+            gix::config::Source::Local,
+        )
+        .map_err(self.err(format!("read {}", config_path.display())))?;
+        let spec = format!("+refs/heads/*:refs/remotes/{name}/*");
+        let mut remote = self
+            .repo
+            .remote_at(url)
+            .map_err(self.err(format!("parse the URL of remote {name:?}")))?
+            .with_refspecs([spec.as_str()], Direction::Fetch)
+            .map_err(self.err("set the fetch refspec"))?;
+        remote
+            .save_as_to(name, &mut config)
+            .map_err(self.err(format!("save remote {name:?}")))?;
+        let mut lock = gix::lock::File::acquire_to_update_resource(
+            &config_path,
+            gix::lock::acquire::Fail::AfterDurationWithBackoff(std::time::Duration::from_secs(5)),
+            None,
+            0,
+        )
+        .map_err(self.err(format!("lock {}", config_path.display())))?;
+        config
+            .write_to(&mut lock)
+            .map_err(self.err(format!("write {}", config_path.display())))?;
+        lock.commit()
+            .map_err(|e| e.error)
+            .map_err(self.err(format!("write {}", config_path.display())))?;
+        self.repo = gix::open(&self.path).map_err(self.err("reopen the repository"))?;
+        Ok(())
+    }
+
+    /// Fetch `branch` from `remote` into `refs/remotes/<remote>/<branch>`. `Ok(None)` when the
+    /// remote has no such branch.
+    pub fn fetch_branch(&self, remote: &str, branch: &str) -> Result<Option<CommitId>, RepoError> {
+        let named = self
+            .repo
+            .find_remote(remote)
+            .map_err(|_| RepoError::NoSuchRemote(remote.to_owned()))?;
+        let url = named
+            .url(Direction::Fetch)
+            .map(|u| u.to_bstring().to_string())
+            .unwrap_or_default();
+        let fail = |e: &(dyn std::error::Error + 'static)| RepoError::Fetch {
+            remote: remote.to_owned(),
+            url: url.clone(),
+            message: chain(e),
+        };
+        let tracking = format!("refs/remotes/{remote}/{branch}");
+        // Only the followed branch, whatever refspecs the remote is configured with.
+        let spec = format!("+refs/heads/{branch}:{tracking}");
+        let anonymous = self
+            .repo
+            .remote_at(url.as_str())
+            .map_err(|e| fail(&e))?
+            .with_refspecs([spec.as_str()], Direction::Fetch)
+            .map_err(|e| fail(&e))?
+            .with_fetch_tags(gix::remote::fetch::Tags::None);
+        let outcome = anonymous
+            .connect(Direction::Fetch)
+            .map_err(|e| fail(&e))?
+            .prepare_fetch(gix::progress::Discard, Default::default())
+            .map_err(|e| fail(&e))?
+            .receive(gix::progress::Discard, &AtomicBool::new(false))
+            .map_err(|e| fail(&e))?;
+        Ok(outcome
+            .ref_map
+            .mappings
+            .iter()
+            .filter(|m| m.local.as_ref().is_some_and(|l| l == tracking.as_str()))
+            .find_map(|m| m.remote.as_id())
+            .map(|id| CommitId(id.to_owned())))
+    }
+
+    /// The commit a ref points at, peeled; `Ok(None)` if the ref does not exist.
+    pub fn ref_target(&self, name: &str) -> Result<Option<CommitId>, RepoError> {
+        let Some(mut r) = self
+            .repo
+            .try_find_reference(name)
+            .map_err(self.err(format!("read {name}")))?
+        else {
+            return Ok(None);
+        };
+        let id = r
+            .peel_to_id()
+            .map_err(self.err(format!("resolve {name}")))?;
+        Ok(Some(CommitId(id.detach())))
+    }
+
+    /// Point `name` at `new` only if it still points at `expected` (`None`: must not exist).
+    pub fn update_ref(
+        &self,
+        name: &str,
+        new: CommitId,
+        expected: Option<CommitId>,
+        message: &str,
+    ) -> Result<(), RepoError> {
+        let previous = match expected {
+            Some(old) => PreviousValue::MustExistAndMatch(gix::refs::Target::Object(old.0)),
+            None => PreviousValue::MustNotExist,
+        };
+        let edit = RefEdit {
+            change: Change::Update {
+                log: LogChange {
+                    mode: RefLog::AndReference,
+                    force_create_reflog: false,
+                    message: message.into(),
+                },
+                expected: previous,
+                new: gix::refs::Target::Object(new.0),
+            },
+            name: name
+                .try_into()
+                .map_err(self.err(format!("use {name:?} as a reference name")))?,
+            deref: false,
+        };
+        let time = format!(
+            "{} +0000",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        );
+        // A bare repo has no user.name; the reflog still wants a committer.
+        let committer = gix::actor::SignatureRef {
+            name: "troops".into(),
+            email: "troops@localhost".into(),
+            time: &time,
+        };
+        self.repo
+            .edit_references_as([edit], Some(committer))
+            .map_err(|e| {
+                // Tell a lost race apart from a broken repository: the caller reports it as such.
+                match self.ref_target(name) {
+                    Ok(now) if now != expected => RepoError::Moved {
+                        reference: name.to_owned(),
+                        expected: expected.map_or("nothing".into(), |c| c.to_string()),
+                    },
+                    _ => self.err(format!("update {name}"))(e),
+                }
+            })?;
+        Ok(())
+    }
+
+    /// Whether `ancestor` is reachable from `descendant` (equal counts).
+    pub fn is_ancestor(&self, ancestor: CommitId, descendant: CommitId) -> Result<bool, RepoError> {
+        if ancestor == descendant {
+            return Ok(true);
+        }
+        let base = self
+            .repo
+            .merge_base(ancestor.0, descendant.0)
+            .map_err(self.err(format!("find the merge base of {ancestor} and {descendant}")));
+        match base {
+            Ok(base) => Ok(base.map(|b| b.detach()) == Some(ancestor.0)),
+            // Unrelated histories have no merge base; gix reports that as an error.
+            Err(_) if !self.exists(ancestor) || !self.exists(descendant) => Err(RepoError::Git {
+                path: self.path.clone(),
+                what: format!("find {ancestor} or {descendant}"),
+                message: "object missing".into(),
+            }),
+            Err(_) => Ok(false),
+        }
+    }
+
+    fn exists(&self, id: CommitId) -> bool {
+        self.repo.has_object(id.0)
+    }
+
+    fn tree_of(&self, commit: CommitId) -> Result<gix::Tree<'_>, RepoError> {
+        self.repo
+            .find_commit(commit.0)
+            .map_err(self.err(format!("find commit {commit}")))?
+            .tree()
+            .map_err(self.err(format!("find the tree of {commit}")))
+    }
+
+    /// The object id of `path` in `commit`'s tree (a tree for a directory), if it exists.
+    pub fn entry_id(&self, commit: CommitId, path: &str) -> Result<Option<String>, RepoError> {
+        let tree = self.tree_of(commit)?;
+        if path.is_empty() {
+            return Ok(Some(tree.id.to_string()));
+        }
+        let entry = tree
+            .lookup_entry_by_path(path)
+            .map_err(self.err(format!("look up {path} in {commit}")))?;
+        Ok(entry.map(|e| e.object_id().to_string()))
+    }
+
+    /// The contents of the file at `path` in `commit`, if it is there.
+    pub fn read_file(&self, commit: CommitId, path: &str) -> Result<Option<Vec<u8>>, RepoError> {
+        let tree = self.tree_of(commit)?;
+        let Some(entry) = tree
+            .lookup_entry_by_path(path)
+            .map_err(self.err(format!("look up {path} in {commit}")))?
+        else {
+            return Ok(None);
+        };
+        if !entry.mode().is_blob() {
+            return Ok(None);
+        }
+        let object = entry
+            .object()
+            .map_err(self.err(format!("read {path} in {commit}")))?;
+        Ok(Some(object.data.clone()))
+    }
+
+    /// Write `commit`'s tree into `dest`, which must not exist yet. The caller builds into a
+    /// fresh temp dir and renames it, because gix's checkout never deletes stale files.
+    pub fn checkout(&self, commit: CommitId, dest: &Path) -> Result<(), RepoError> {
+        let fail = |message: String| RepoError::Checkout {
+            commit,
+            path: dest.to_owned(),
+            message,
+        };
+        let tree = self.tree_of(commit)?.id;
+        let mut index = self
+            .repo
+            .index_from_tree(&tree)
+            .map_err(|e| fail(chain(&e)))?;
+        let mut options = self
+            .repo
+            .checkout_options(gix::worktree::stack::state::attributes::Source::IdMapping)
+            .map_err(|e| fail(chain(&e)))?;
+        options.destination_is_initially_empty = true;
+        std::fs::create_dir(dest).map_err(|e| fail(e.to_string()))?;
+        let objects = self
+            .repo
+            .objects
+            .clone()
+            .into_arc()
+            .map_err(|e| fail(e.to_string()))?;
+        let outcome = gix::worktree::state::checkout(
+            &mut index,
+            dest,
+            objects,
+            &gix::progress::Discard,
+            &gix::progress::Discard,
+            &AtomicBool::new(false),
+            options,
+        )
+        .map_err(|e| fail(chain(&e)))?;
+        if let Some(e) = outcome.errors.first() {
+            return Err(fail(format!("{}: {}", e.path, chain(&e.error))));
+        }
+        if let Some(c) = outcome.collisions.first() {
+            return Err(fail(format!("path collision at {}", c.path)));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,183 @@
+//! The node's settings, `/etc/troops/troops.toml`. Remotes are not here: they live in the bare
+//! repo's git config, as in plain git, so `git remote add` works against it.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::fsutil;
+use crate::names::{self, NameError};
+
+#[derive(Debug, Error)]
+pub enum SettingsError {
+    #[error("failed to read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Invalid { path: PathBuf, source: NameError },
+    #[error("{path}: {key} must be {expected}")]
+    Value {
+        path: PathBuf,
+        key: &'static str,
+        expected: &'static str,
+    },
+    #[error("failed to write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("this node is not initialised: {0} is missing (run `troops init`)")]
+    NotInitialised(PathBuf),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Installer {
+    /// uv when it is on PATH, else pip.
+    #[default]
+    Auto,
+    Uv,
+    Pip,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// The branch every remote is followed on.
+    pub branch: String,
+    pub roles: Vec<String>,
+    /// The interpreter venvs are made from: Debian's, never whatever is first on PATH.
+    pub python: PathBuf,
+    pub installer: Installer,
+    /// Seconds one remote may take to fetch before it is given up for this pull.
+    pub fetch_timeout: u64,
+    /// Seconds before the first retry of a failed deploy; doubled on every failure.
+    pub retry_min: u64,
+    pub retry_max: u64,
+    /// Run records kept in /var/lib/troops/runs.
+    pub keep_runs: usize,
+    /// The fully qualified name deploy.py sees; unset means the machine's own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            branch: "master".into(),
+            roles: Vec::new(),
+            python: "/usr/bin/python3".into(),
+            installer: Installer::Auto,
+            fetch_timeout: 60,
+            retry_min: 60,
+            retry_max: 3600,
+            keep_runs: 100,
+            hostname: None,
+        }
+    }
+}
+
+impl Settings {
+    pub fn parse(text: &str, path: &Path) -> Result<Settings, SettingsError> {
+        let settings: Settings = toml::from_str(text).map_err(|e| SettingsError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        settings.validate(path)?;
+        Ok(settings)
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<(), SettingsError> {
+        let invalid = |source| SettingsError::Invalid {
+            path: path.to_owned(),
+            source,
+        };
+        names::check_branch(&self.branch).map_err(invalid)?;
+        for role in &self.roles {
+            names::check_role(role).map_err(invalid)?;
+        }
+        let value = |key, expected| {
+            Err(SettingsError::Value {
+                path: path.to_owned(),
+                key,
+                expected,
+            })
+        };
+        if !self.python.is_absolute() {
+            return value("python", "an absolute path");
+        }
+        if self.fetch_timeout == 0 {
+            return value("fetch_timeout", "at least 1 (seconds)");
+        }
+        if self.retry_min == 0 || self.retry_max < self.retry_min {
+            return value("retry_min/retry_max", "1 <= retry_min <= retry_max (seconds)");
+        }
+        if self.keep_runs == 0 {
+            return value("keep_runs", "at least 1");
+        }
+        Ok(())
+    }
+
+    pub fn load(path: &Path) -> Result<Settings, SettingsError> {
+        let text = std::fs::read_to_string(path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                SettingsError::NotInitialised(path.to_owned())
+            } else {
+                SettingsError::Read {
+                    path: path.to_owned(),
+                    source,
+                }
+            }
+        })?;
+        Settings::parse(&text, path)
+    }
+
+    pub fn to_toml(&self) -> String {
+        // Serialising a struct of plain fields cannot fail.
+        let body = toml::to_string(self).expect("settings serialise");
+        format!("# Written by `troops init`; see troops(1).\n{body}")
+    }
+
+    pub fn save(&self, path: &Path) -> Result<(), SettingsError> {
+        let write = |source| SettingsError::Write {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            fsutil::create_dirs(dir, 0o755).map_err(write)?;
+        }
+        fsutil::write_atomic(path, self.to_toml().as_bytes(), 0o644).map_err(write)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_defaults() {
+        let p = Path::new("/etc/troops/troops.toml");
+        let s = Settings::parse("roles = [\"web\"]\n", p).unwrap();
+        assert_eq!(s.branch, "master");
+        assert_eq!(s.roles, vec!["web"]);
+        assert_eq!(Settings::parse(&s.to_toml(), p).unwrap(), s);
+    }
+
+    #[test]
+    fn errors_name_the_file_and_key() {
+        let p = Path::new("/x/troops.toml");
+        let e = Settings::parse("rolez = []\n", p).unwrap_err().to_string();
+        assert!(e.contains("/x/troops.toml") && e.contains("rolez"), "{e}");
+        let e = Settings::parse("roles = [\"a b\"]\n", p).unwrap_err().to_string();
+        assert!(e.contains("invalid role name"), "{e}");
+        let e = Settings::parse("fetch_timeout = 0\n", p).unwrap_err().to_string();
+        assert!(e.contains("fetch_timeout"), "{e}");
+        let e = Settings::parse("python = \"python3\"\n", p).unwrap_err().to_string();
+        assert!(e.contains("absolute"), "{e}");
+    }
+}
