@@ -60,7 +60,7 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
         Command::Deploy => cli::deploy::run(root, journal),
         Command::Status(args) => cli::status::run(root, args),
         Command::Log(args) => cli::log::run(root, args),
-        Command::Run(args) => cli::run::run(args),
+        Command::Run(args) => cli::run::run(root, args),
         Command::Fetch(args) => cli::fetch_worker::run(root, args),
     }
 }

@@ -127,6 +127,11 @@ impl Repo {
         if path.join("HEAD").exists() {
             return Repo::open(path);
         }
+        std::fs::create_dir_all(path).map_err(|e| RepoError::Git {
+            path: path.to_owned(),
+            what: "create the repository directory".into(),
+            message: e.to_string(),
+        })?;
         gix::init_bare(path).map_err(|e| RepoError::Git {
             path: path.to_owned(),
             what: "create a bare repository".into(),

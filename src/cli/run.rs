@@ -31,7 +31,7 @@ fn cache_dir() -> PathBuf {
         .join("troops")
 }
 
-pub fn run(args: &Args) -> Result<u8> {
+pub fn run(root: &Path, args: &Args) -> Result<u8> {
     for role in &args.roles {
         troops::names::check_role(role)?;
     }
@@ -64,6 +64,7 @@ pub fn run(args: &Args) -> Result<u8> {
         previous_commit: None,
         settings: serde_json::json!({ "roles": args.roles }),
         hostname: args.hostname.clone(),
+        root: root.display().to_string(),
     };
     let scratch = tempfile::tempdir().context("failed to make a scratch dir")?;
     let outcome = python::run_deploy_py(&venv_dir, &dir, &context, &scratch.path().join("run"), &mut print)?;

@@ -215,6 +215,7 @@ fn run_steps(
         previous_commit: previous.map(|p| p.to_string()),
         settings: serde_json::to_value(settings).unwrap_or_default(),
         hostname: settings.hostname.clone(),
+        root: layout.root().display().to_string(),
     };
     let scratch = layout.runs().join(record.id.to_string());
     let outcome = python::run_deploy_py(&venv_dir, &checkout, &context, &scratch, &mut |l| log.line(l))

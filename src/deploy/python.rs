@@ -22,6 +22,8 @@ pub struct Context {
     pub settings: serde_json::Value,
     /// Unset: the module asks the machine (socket.getfqdn()).
     pub hostname: Option<String>,
+    /// The node's root prefix, "/" on a real node.
+    pub root: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
