@@ -52,7 +52,9 @@ fn init_logging(verbose: u8) {
 }
 
 fn run(cli: &Cli) -> anyhow::Result<u8> {
-    let root = &cli.root;
+    // Relative roots would break as soon as a child runs in another directory.
+    let root = &std::path::absolute(&cli.root)
+        .map_err(|e| anyhow::anyhow!("failed to resolve --root {}: {e}", cli.root.display()))?;
     let journal = is_journal(1);
     match &cli.command {
         Command::Init(args) => cli::init::run(root, args),

@@ -218,13 +218,27 @@ impl Repo {
             .with_refspecs([spec.as_str()], Direction::Fetch)
             .map_err(|e| fail(&e))?
             .with_fetch_tags(gix::remote::fetch::Tags::None);
-        let outcome = anonymous
+        let prepared = anonymous
             .connect(Direction::Fetch)
             .map_err(|e| fail(&e))?
             .prepare_fetch(gix::progress::Discard, Default::default())
-            .map_err(|e| fail(&e))?
+            .map_err(|e| fail(&e))?;
+        // Remotes are fetched in parallel, and mirrors send byte-identical packs with identical
+        // names, which collide in objects/pack. Talking to the remotes stays parallel; writing
+        // what they send is one at a time, and a remote whose objects just arrived from
+        // another then has nothing left to send.
+        let lock_path = self.path.join("troops-fetch.lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .and_then(|f| f.lock().map(|()| f))
+            .map_err(|e| fail(&e))?;
+        let outcome = prepared
             .receive(gix::progress::Discard, &AtomicBool::new(false))
             .map_err(|e| fail(&e))?;
+        drop(lock);
         Ok(outcome
             .ref_map
             .mappings

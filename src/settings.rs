@@ -84,9 +84,17 @@ impl Default for Settings {
 
 impl Settings {
     pub fn parse(text: &str, path: &Path) -> Result<Settings, SettingsError> {
-        let settings: Settings = toml::from_str(text).map_err(|e| SettingsError::Parse {
-            path: path.to_owned(),
-            message: e.to_string().trim_end().replace('\n', " "),
+        let settings: Settings = toml::from_str(text).map_err(|e| {
+            let at = e.span().map(|span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!("line {line}, column {column}: ")
+            });
+            SettingsError::Parse {
+                path: path.to_owned(),
+                message: format!("{}{}", at.unwrap_or_default(), e.message()),
+            }
         })?;
         settings.validate(path)?;
         Ok(settings)
@@ -173,6 +181,8 @@ mod tests {
         let p = Path::new("/x/troops.toml");
         let e = Settings::parse("rolez = []\n", p).unwrap_err().to_string();
         assert!(e.contains("/x/troops.toml") && e.contains("rolez"), "{e}");
+        let e = Settings::parse("branch = \"a\"\nbranch = \"b\"\n", p).unwrap_err().to_string();
+        assert!(e.starts_with("/x/troops.toml: line 2, column 1: duplicate key"), "{e}");
         let e = Settings::parse("roles = [\"a b\"]\n", p).unwrap_err().to_string();
         assert!(e.contains("invalid role name"), "{e}");
         let e = Settings::parse("fetch_timeout = 0\n", p).unwrap_err().to_string();

@@ -105,6 +105,14 @@ pub fn choose<Id: Copy + Eq>(
     } else {
         Vec::new()
     };
+    // Report standings against where the branch ends up, not where it started.
+    if let Some(t) = target {
+        for ((_, standing), offer) in standings.iter_mut().zip(offers) {
+            if matches!(*standing, Standing::Ahead | Standing::Current) {
+                *standing = if offer.tip == t { Standing::Current } else { Standing::Behind };
+            }
+        }
+    }
     Decision {
         standings,
         target: target.filter(|&t| Some(t) != local),
@@ -167,7 +175,10 @@ mod tests {
             history(),
         );
         assert_eq!(d.target, Some(4));
-        assert_eq!(standing(&d, "c"), Standing::Current);
+        // Standings are against the branch after the move.
+        assert_eq!(standing(&d, "a"), Standing::Behind);
+        assert_eq!(standing(&d, "b"), Standing::Current);
+        assert_eq!(standing(&d, "c"), Standing::Behind);
         assert!(d.disagree.is_empty());
     }
 

@@ -37,10 +37,15 @@ struct RunLog<'a> {
     out: &'a mut dyn Output,
     commit: String,
     run_id: u64,
+    /// The last line a child printed: what a one-line error quotes.
+    last: Option<String>,
 }
 
 impl RunLog<'_> {
     fn line(&mut self, line: &str) {
+        if !line.trim().is_empty() && !line.starts_with("troops: ") {
+            self.last = Some(line.trim().to_owned());
+        }
         if let Some(f) = &mut self.file {
             let _ = writeln!(f, "{line}");
         }
@@ -121,6 +126,7 @@ pub fn deploy(
         out,
         commit: commit.to_string(),
         run_id: id,
+        last: None,
     };
     tracing::info!(commit = %commit, run_id = id, trigger, "deploying {}", commit.short());
     log.line(&format!(
@@ -202,7 +208,7 @@ fn run_steps(
         installer: settings.installer,
     };
     let (venv_dir, built) = venv::ensure(&layout.venvs(), &spec, &checkout, &mut |l| log.line(l))
-        .map_err(|e| format!("commit {short}: {e}"))?;
+        .map_err(|e| with_last(format!("commit {short}: {e}"), log))?;
     let venv_key = venv_dir.file_name().unwrap_or_default().to_string_lossy().into_owned();
     if !built {
         log.line(&format!("troops: reusing virtualenv {venv_key}"));
@@ -218,6 +224,7 @@ fn run_steps(
         root: layout.root().display().to_string(),
     };
     let scratch = layout.runs().join(record.id.to_string());
+    log.last = None;
     let outcome = python::run_deploy_py(&venv_dir, &checkout, &context, &scratch, &mut |l| log.line(l))
         .map_err(|e| format!("failed to run deploy.py with {}: {e}", venv_dir.join("bin/python").display()))?;
     record.exit_code = outcome.exit_code;
@@ -244,11 +251,21 @@ fn run_steps(
         .filter(|d| d.status == "failed")
         .map(|d| d.name.as_str())
         .collect();
-    Err(match (outcome.exit_code, failed.as_slice()) {
+    let message = match (outcome.exit_code, failed.as_slice()) {
         (_, [_, ..]) if outcome.results.as_ref().is_some_and(|r| r.top_level == "ok") => {
             format!("commit {short}: deploy.py deployable {} failed", failed.join(", "))
         }
         (Some(code), _) => format!("commit {short}: deploy.py exited with status {code}"),
         (None, _) => format!("commit {short}: deploy.py was killed by a signal"),
-    })
+    };
+    Err(with_last(message, log))
+}
+
+/// Quote the last line the child printed, usually the exception: the one line an operator
+/// needs; the whole output is in the run log.
+fn with_last(message: String, log: &RunLog<'_>) -> String {
+    match &log.last {
+        Some(last) => format!("{message}: {last}"),
+        None => message,
+    }
 }

@@ -1,0 +1,1 @@
+//! The `troops` Python module, as deploy.py sees it.

@@ -1,0 +1,1 @@
+//! The deploy pipeline: checkouts, venvs, failures and retries.

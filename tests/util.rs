@@ -1,0 +1,271 @@
+//! Helpers for the integration tests: real git repositories, real remotes, and nodes under
+//! temporary roots driven through the real `troops` binary.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const TROOPS: &str = env!("CARGO_BIN_EXE_troops");
+
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["-c", "user.name=Test", "-c", "user.email=test@example.com", "-c", "init.defaultBranch=master"])
+        .args(args)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?} in {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A scratch directory for one test, removed afterwards.
+pub struct World {
+    dir: tempfile::TempDir,
+}
+
+impl World {
+    pub fn new() -> World {
+        let module = Path::new(TROOPS).with_file_name("libtroops.so");
+        assert!(
+            module.exists(),
+            "{} is missing: build the workspace first (cargo build --workspace)",
+            module.display()
+        );
+        World {
+            dir: tempfile::Builder::new().prefix("troops-test-").tempdir().unwrap(),
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// A bare repository to serve as a remote.
+    pub fn bare(&self, name: &str) -> PathBuf {
+        let p = self.path(&format!("remotes/{name}.git"));
+        std::fs::create_dir_all(&p).unwrap();
+        git(&p, &["init", "-q", "--bare"]);
+        p
+    }
+
+    pub fn upstream(&self, name: &str) -> Upstream {
+        let p = self.path(&format!("upstream/{name}"));
+        std::fs::create_dir_all(&p).unwrap();
+        git(&p, &["init", "-q"]);
+        Upstream { dir: p }
+    }
+
+    pub fn node(&self, name: &str) -> Node {
+        Node {
+            root: self.path(&format!("nodes/{name}")),
+        }
+    }
+}
+
+/// A working repository where the tests make commits, then push them to bare remotes.
+pub struct Upstream {
+    pub dir: PathBuf,
+}
+
+impl Upstream {
+    pub fn write(&self, rel: &str, contents: &str) -> &Self {
+        let p = self.dir.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, contents).unwrap();
+        self
+    }
+
+    pub fn remove(&self, rel: &str) -> &Self {
+        git(&self.dir, &["rm", "-q", "-r", rel]);
+        self
+    }
+
+    /// Commit everything; returns the new commit's id.
+    pub fn commit(&self, message: &str) -> String {
+        git(&self.dir, &["add", "-A"]);
+        git(&self.dir, &["commit", "-q", "--allow-empty", "-m", message]);
+        self.head()
+    }
+
+    pub fn head(&self) -> String {
+        git(&self.dir, &["rev-parse", "HEAD"])
+    }
+
+    pub fn push(&self, bare: &Path) {
+        git(&self.dir, &["push", "-q", &bare.display().to_string(), "HEAD:refs/heads/master"]);
+    }
+
+    pub fn force_push(&self, bare: &Path, rev: &str) {
+        git(&self.dir, &["push", "-q", "-f", &bare.display().to_string(), &format!("{rev}:refs/heads/master")]);
+    }
+
+    pub fn reset_hard(&self, rev: &str) {
+        git(&self.dir, &["reset", "-q", "--hard", rev]);
+    }
+}
+
+pub struct Node {
+    pub root: PathBuf,
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn ok(self) -> Run {
+        assert_eq!(self.code, 0, "troops failed:\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        self
+    }
+
+    pub fn failed(self) -> Run {
+        assert_ne!(self.code, 0, "troops should have failed:\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        self
+    }
+
+    pub fn all(&self) -> String {
+        format!("{}\n{}", self.stdout, self.stderr)
+    }
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Run {
+        Run {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+impl Node {
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(TROOPS);
+        c.arg("--root").arg(&self.root).args(args).env_remove("TROOPS_ROOT").env_remove("JOURNAL_STREAM");
+        c
+    }
+
+    pub fn troops(&self, args: &[&str]) -> Run {
+        self.command(args).output().expect("troops runs").into()
+    }
+
+    /// `troops init` with `remotes` as (name, bare path) and the given roles.
+    pub fn init(&self, remotes: &[(&str, &Path)], roles: &[&str]) -> Run {
+        let mut args: Vec<String> = vec!["init".into()];
+        for (name, path) in remotes {
+            args.push("--remote".into());
+            args.push(format!("{name}=file://{}", path.display()));
+        }
+        for r in roles {
+            args.push("--role".into());
+            args.push(r.to_string());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.troops(&args).ok()
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    pub fn read(&self, rel: &str) -> Option<String> {
+        std::fs::read_to_string(self.path(rel)).ok()
+    }
+
+    pub fn repo(&self) -> PathBuf {
+        self.path("var/lib/troops/repo/main.git")
+    }
+
+    /// Set `key = value` (a TOML value) in troops.toml.
+    pub fn set(&self, key: &str, value: &str) {
+        let p = self.path("etc/troops/troops.toml");
+        let s = std::fs::read_to_string(&p).unwrap();
+        let mut lines: Vec<String> = s
+            .lines()
+            .filter(|l| !l.starts_with(&format!("{key} =")))
+            .map(String::from)
+            .collect();
+        // Top-level keys go before any table.
+        let at = lines.iter().position(|l| l.starts_with('[')).unwrap_or(lines.len());
+        lines.insert(at, format!("{key} = {value}"));
+        std::fs::write(p, lines.join("\n") + "\n").unwrap();
+    }
+
+    fn rev(&self, name: &str) -> Option<String> {
+        let out = Command::new("git")
+            .arg("--git-dir")
+            .arg(self.repo())
+            .args(["rev-parse", "--verify", "-q", name])
+            .output()
+            .unwrap();
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    pub fn head(&self) -> Option<String> {
+        self.rev("refs/heads/master")
+    }
+
+    pub fn deployed(&self) -> Option<String> {
+        self.rev("refs/troops/deployed")
+    }
+
+    /// Every run record, oldest first.
+    pub fn runs(&self) -> Vec<serde_json::Value> {
+        let out = self.troops(&["log", "--json"]).ok();
+        let mut v: Vec<serde_json::Value> = serde_json::from_str(&out.stdout).unwrap();
+        v.reverse();
+        v
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.troops(&["status", "--json"]).ok().stdout).unwrap()
+    }
+
+    pub fn run_log(&self, id: u64) -> String {
+        self.troops(&["log", &id.to_string()]).ok().stdout
+    }
+
+    pub fn remote_report(&self, name: &str) -> serde_json::Value {
+        self.status()["last_pull"]["remotes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no remote {name} in the last pull report"))
+    }
+
+    pub fn fsck(&self) {
+        let out = Command::new("git")
+            .arg("--git-dir")
+            .arg(self.repo())
+            .args(["fsck", "--strict"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git fsck: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+/// A deploy.py that records what it deployed under the node's root.
+pub fn simple_deploy(tag: &str) -> String {
+    format!(
+        r#"import pathlib, troops
+print("deploying {tag}")
+p = pathlib.Path(troops.root, "out")
+p.mkdir(exist_ok=True)
+(p / "deployed").write_text(troops.commit)
+(p / "tag").write_text("{tag}")
+"#
+    )
+}
