@@ -1,1 +1,244 @@
-//! The deploy pipeline: checkouts, venvs, failures and retries.
+//! The deploy pipeline: checkouts, venvs, failures and retries, interruption.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+struct One {
+    world: World,
+    up: Upstream,
+    remote: PathBuf,
+    node: Node,
+}
+
+fn one_remote(roles: &[&str]) -> One {
+    let world = World::new();
+    let up = world.upstream("src");
+    let remote = world.bare("origin");
+    let node = world.node("n1");
+    node.init(&[("origin", &remote)], roles);
+    One { world, up, remote, node }
+}
+
+impl One {
+    fn ship(&self, message: &str) -> String {
+        let c = self.up.commit(message);
+        self.up.push(&self.remote);
+        c
+    }
+}
+
+/// A local package built by an in-tree PEP 517 backend (no index needed) that counts its
+/// builds in `counter`, so a test can tell whether an installer ran.
+fn local_package(up: &Upstream, counter: &Path, value: &str) {
+    up.write("pkg/pyproject.toml", "[build-system]\nrequires = []\nbuild-backend = \"backend\"\nbackend-path = [\"_build\"]\n\n[project]\nname = \"pkg\"\nversion = \"1.0\"\n");
+    up.write("pkg/pkg/__init__.py", &format!("VALUE = {value:?}\n"));
+    up.write(
+        "pkg/_build/backend.py",
+        &format!(
+            r#"import os, zipfile, hashlib, base64
+def get_requires_for_build_wheel(config_settings=None):
+    return []
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    with open({counter:?}, "a") as f:
+        f.write("build\n")
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = {{"pkg/__init__.py": open(os.path.join(here, "pkg/__init__.py"), "rb").read(),
+             "pkg-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: pkg\nVersion: 1.0\n",
+             "pkg-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: t\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}}
+    rec = []
+    for p, d in files.items():
+        h = base64.urlsafe_b64encode(hashlib.sha256(d).digest()).rstrip(b"=").decode()
+        rec.append(f"{{p}},sha256={{h}},{{len(d)}}")
+    rec.append("pkg-1.0.dist-info/RECORD,,")
+    files["pkg-1.0.dist-info/RECORD"] = ("\n".join(rec) + "\n").encode()
+    name = "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(os.path.join(wheel_directory, name), "w") as z:
+        for p, d in files.items():
+            z.writestr(p, d)
+    return name
+"#,
+            counter = counter.display().to_string()
+        ),
+    );
+}
+
+fn builds(counter: &Path) -> usize {
+    std::fs::read_to_string(counter).map_or(0, |s| s.lines().count())
+}
+
+#[test]
+fn venvs_are_reused_rebuilt_and_never_stale() {
+    let t = one_remote(&[]);
+    let counter = t.world.path("builds");
+    local_package(&t.up, &counter, "first");
+    t.up.write("requirements.txt", "--no-index\n./pkg\n");
+    t.up.write(
+        "deploy.py",
+        "import pathlib, pkg, troops\nprint('pkg says', pkg.VALUE)\npathlib.Path(troops.root, 'value').write_text(pkg.VALUE)\n",
+    );
+    t.ship("with a local package");
+    t.node.troops(&["pull"]).ok();
+    assert_eq!(t.node.read("value").as_deref(), Some("first"));
+    assert_eq!(builds(&counter), 1);
+    let first_venv = t.node.runs()[0]["venv"].clone();
+
+    // deploy.py changes, requirements do not: same venv, no installer at all.
+    t.up.write("deploy.py", "import pathlib, pkg, troops\nprint('again', pkg.VALUE)\npathlib.Path(troops.root, 'value').write_text(pkg.VALUE + '!')\n");
+    t.ship("only deploy.py");
+    let out = t.node.troops(&["pull"]).ok();
+    assert_eq!(t.node.read("value").as_deref(), Some("first!"));
+    assert_eq!(builds(&counter), 1, "an installer ran for unchanged requirements");
+    assert!(out.stdout.contains("reusing virtualenv"), "{}", out.stdout);
+    assert!(!out.stdout.contains("installing requirements"), "{}", out.stdout);
+    assert_eq!(t.node.runs()[1]["venv"], first_venv);
+
+    // The local package changes, requirements.txt does not: a new venv, and the new code runs.
+    local_package(&t.up, &counter, "second");
+    t.ship("new package code");
+    t.node.troops(&["pull"]).ok();
+    assert_eq!(t.node.read("value").as_deref(), Some("second!"));
+    assert_eq!(builds(&counter), 2);
+    assert_ne!(t.node.runs()[2]["venv"], first_venv);
+
+    // requirements.txt itself changes: a new venv again.
+    t.up.write("requirements.txt", "--no-index\n./pkg  # pinned by path\n");
+    t.ship("requirements change");
+    t.node.troops(&["pull"]).ok();
+    assert_eq!(builds(&counter), 3);
+}
+
+#[test]
+fn the_checkout_is_fresh_for_every_commit() {
+    let t = one_remote(&[]);
+    t.up.write("deploy.py", "import os\nprint(sorted(os.listdir('.')))\nassert not os.path.exists('old.txt')\nopen('scribble', 'w').write('x')\n");
+    t.up.write("new.txt", "n");
+    t.ship("one");
+    t.node.troops(&["pull"]).ok();
+    t.up.write("old.txt", "o");
+    t.ship("adds old.txt");
+    // deploy.py asserts old.txt is absent: this run fails on purpose.
+    t.node.troops(&["pull"]).failed();
+    t.up.remove("old.txt");
+    let three = t.ship("removes old.txt");
+    let out = t.node.troops(&["pull"]).ok();
+    assert!(!out.stdout.contains("scribble"), "a previous run's file leaked: {}", out.stdout);
+    let work: Vec<String> = std::fs::read_dir(t.node.path("var/lib/troops/work"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(work, vec![three], "only the current checkout is kept");
+}
+
+#[test]
+fn a_failed_deploy_is_retried_with_backoff_and_a_fix_goes_out_at_once() {
+    let t = one_remote(&[]);
+    t.up.write("deploy.py", &simple_deploy("good"));
+    let good = t.ship("good");
+    t.node.troops(&["pull"]).ok();
+
+    t.up.write("deploy.py", "import sys\nprint('about to fail')\nsys.exit(3)\n");
+    let bad = t.ship("bad");
+    let out = t.node.troops(&["pull"]).failed();
+    assert!(out.stderr.contains("deploy.py exited with status 3"), "{}", out.stderr);
+    assert_eq!(t.node.deployed().as_deref(), Some(good.as_str()), "a failed deploy moved deployed");
+    assert_eq!(t.node.head().as_deref(), Some(bad.as_str()));
+    let runs = t.node.runs();
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[1]["result"], "failed");
+    assert_eq!(runs[1]["exit_code"], 3);
+    assert!(t.node.run_log(2).contains("about to fail"));
+
+    // Within the backoff: no new attempt, and status says when.
+    let out = t.node.troops(&["pull"]).ok();
+    assert!(out.stdout.contains("next attempt after"), "{}", out.stdout);
+    assert_eq!(t.node.runs().len(), 2);
+    assert!(t.node.troops(&["status"]).ok().stdout.contains("waiting   deploy of"));
+
+    // Once the backoff has passed, it is tried again.
+    t.node.set("retry_min", "1");
+    std::thread::sleep(Duration::from_millis(1100));
+    t.node.troops(&["pull"]).failed();
+    assert_eq!(t.node.runs().len(), 3);
+    // The second failure doubles the wait: an immediate pull does not retry.
+    t.node.troops(&["pull"]).ok();
+    assert_eq!(t.node.runs().len(), 3);
+
+    // A newer commit is deployed at once, whatever the backoff.
+    t.up.write("deploy.py", &simple_deploy("fixed"));
+    let fixed = t.ship("fixed");
+    t.node.troops(&["pull"]).ok();
+    assert_eq!(t.node.deployed().as_deref(), Some(fixed.as_str()));
+    assert_eq!(t.node.read("out/tag").as_deref(), Some("fixed"));
+    assert_eq!(t.node.runs().last().unwrap()["result"], "success");
+}
+
+#[test]
+fn troops_deploy_runs_the_head_again_now() {
+    let t = one_remote(&[]);
+    t.up.write("deploy.py", "import pathlib, troops\np = pathlib.Path(troops.root, 'count')\np.write_text(str(int(p.read_text()) + 1 if p.exists() else 1))\n");
+    t.ship("count");
+    t.node.troops(&["pull"]).ok();
+    t.node.troops(&["deploy"]).ok();
+    assert_eq!(t.node.read("count").as_deref(), Some("2"));
+    let runs = t.node.runs();
+    assert_eq!(runs[1]["trigger"], "deploy");
+    assert_eq!(runs[1]["previous"], runs[1]["commit"]);
+}
+
+#[test]
+fn a_deploy_killed_mid_run_is_deployed_again_and_nothing_is_corrupt() {
+    let t = one_remote(&[]);
+    let gate = t.world.path("gate");
+    std::fs::write(&gate, "").unwrap();
+    t.up.write(
+        "deploy.py",
+        &format!(
+            "import os, time, pathlib, troops\nprint('started', flush=True)\nwhile os.path.exists({gate:?}):\n    time.sleep(0.1)\npathlib.Path(troops.root, 'done').write_text(troops.commit)\n",
+            gate = gate.display().to_string()
+        ),
+    );
+    let head = t.ship("slow");
+    let mut pull = t.node.command(&["pull"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let log = t.node.path("var/lib/troops/runs/1.log");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("started") {
+        assert!(Instant::now() < deadline, "deploy.py never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    pull.kill().unwrap(); // SIGKILL
+    pull.wait().unwrap();
+    // deploy.py dies with the agent rather than running on unobserved.
+    std::thread::sleep(Duration::from_millis(500));
+    let ps = std::process::Command::new("ps").args(["-eo", "args"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&ps.stdout).contains(t.node.root.to_str().unwrap()), "deploy.py outlived the agent");
+    assert_eq!(t.node.deployed(), None);
+    assert_eq!(t.node.read("done"), None);
+
+    std::fs::remove_file(&gate).unwrap();
+    t.node.troops(&["pull"]).ok();
+    assert_eq!(t.node.deployed().as_deref(), Some(head.as_str()));
+    assert_eq!(t.node.read("done").as_deref(), Some(head.as_str()));
+    let runs = t.node.runs();
+    assert_eq!(runs[0]["result"], "interrupted");
+    assert_eq!(runs[1]["result"], "success");
+    t.node.fsck();
+}
+
+#[test]
+fn run_records_are_kept_to_the_limit() {
+    let t = one_remote(&[]);
+    t.up.write("deploy.py", "print('hi')\n");
+    t.ship("one");
+    t.node.set("keep_runs", "3");
+    t.node.troops(&["pull"]).ok();
+    for _ in 0..4 {
+        t.node.troops(&["deploy"]).ok();
+    }
+    let ids: Vec<u64> = t.node.runs().iter().map(|r| r["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, vec![3, 4, 5]);
+    assert!(!t.node.path("var/lib/troops/runs/1.log").exists());
+    let listing = t.node.troops(&["log"]).ok().stdout;
+    assert!(listing.lines().next().unwrap().trim_start().starts_with('5'), "newest first: {listing}");
+}

@@ -206,9 +206,18 @@ fn _finish(py: Python<'_>) -> PyResult<()> {
         }
     }
 
-    let results_path = std::env::var_os("TROOPS_RESULTS").map(PathBuf::from);
+    // Only the interpreter the agent started reports; a python that deploy.py runs in turn
+    // inherits the environment but must not overwrite its parent's results.
+    let started_by_agent = std::env::var("TROOPS_AGENT_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_some_and(|p| p == std::os::unix::process::parent_id());
+    let results_path = std::env::var_os("TROOPS_RESULTS")
+        .map(PathBuf::from)
+        .filter(|_| started_by_agent);
     match &results_path {
         Some(path) => write_results(py, path, top_failed, &roles, &ran)?,
+        None if std::env::var_os("TROOPS_RESULTS").is_some() => {}
         None => {
             let sys = py.import("sys")?;
             for r in &ran {

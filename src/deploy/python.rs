@@ -70,6 +70,8 @@ pub fn run_deploy_py(
         env: vec![
             (CONTEXT_ENV.into(), context_path.display().to_string()),
             (RESULTS_ENV.into(), results_path.display().to_string()),
+            // Lets the module tell the interpreter we started from the ones deploy.py starts.
+            ("TROOPS_AGENT_PID".into(), std::process::id().to_string()),
         ],
     };
     let status = runner::run(&inv, on_line);
