@@ -26,7 +26,13 @@ pub fn delay(failures: u32, min: u64, max: u64) -> u64 {
 }
 
 /// `None` when `commit` may be deployed at `now`, else the unix time it may be retried.
-pub fn retry_at(state: Option<&RetryState>, commit: CommitId, now: u64, min: u64, max: u64) -> Option<u64> {
+pub fn retry_at(
+    state: Option<&RetryState>,
+    commit: CommitId,
+    now: u64,
+    min: u64,
+    max: u64,
+) -> Option<u64> {
     let state = state.filter(|s| s.commit == commit)?;
     let at = state.last_failure + delay(state.failures, min, max);
     (now < at).then_some(at)

@@ -19,11 +19,17 @@ use crate::repo::CommitId;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "outcome", rename_all = "kebab-case")]
 pub enum Fetched {
-    Tip { tip: CommitId },
+    Tip {
+        tip: CommitId,
+    },
     /// The remote answered but has no such branch.
     NoBranch,
-    Failed { error: String },
-    TimedOut { seconds: u64 },
+    Failed {
+        error: String,
+    },
+    TimedOut {
+        seconds: u64,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -77,7 +83,12 @@ pub fn fetch_all(
         let mut child = match spawned {
             Ok(c) => c,
             Err(e) => {
-                let _ = tx.send((i, Fetched::Failed { error: format!("failed to start {}: {e}", exe.display()) }));
+                let _ = tx.send((
+                    i,
+                    Fetched::Failed {
+                        error: format!("failed to start {}: {e}", exe.display()),
+                    },
+                ));
                 continue;
             }
         };
@@ -101,7 +112,9 @@ pub fn fetch_all(
                         e => e.lines().last().unwrap_or(e).to_owned(),
                     },
                 },
-                (Err(e), _) => Fetched::Failed { error: e.to_string() },
+                (Err(e), _) => Fetched::Failed {
+                    error: e.to_string(),
+                },
             };
             let _ = tx.send((i, fetched));
         });
@@ -125,7 +138,9 @@ pub fn fetch_all(
                     if results[i].is_none() {
                         // SAFETY: kill(2) on a process group we created; no memory involved.
                         unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
-                        results[i] = Some(Fetched::TimedOut { seconds: timeout.as_secs() });
+                        results[i] = Some(Fetched::TimedOut {
+                            seconds: timeout.as_secs(),
+                        });
                         done += 1;
                     }
                 }
@@ -139,7 +154,9 @@ pub fn fetch_all(
         .map(|((name, url), f)| FetchResult {
             remote: name.clone(),
             url: url.clone(),
-            fetched: f.unwrap_or(Fetched::Failed { error: "fetch worker vanished".into() }),
+            fetched: f.unwrap_or(Fetched::Failed {
+                error: "fetch worker vanished".into(),
+            }),
         })
         .collect()
 }
@@ -151,7 +168,10 @@ mod tests {
     #[test]
     fn wire_round_trip() {
         let t: CommitId = "0123456789abcdef0123456789abcdef01234567".parse().unwrap();
-        assert_eq!(wire::parse(&wire::tip(Some(t))), Some(Fetched::Tip { tip: t }));
+        assert_eq!(
+            wire::parse(&wire::tip(Some(t))),
+            Some(Fetched::Tip { tip: t })
+        );
         assert_eq!(wire::parse(&wire::tip(None)), Some(Fetched::NoBranch));
         assert_eq!(wire::parse("garbage"), None);
         assert_eq!(wire::parse(""), None);

@@ -37,5 +37,8 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 /// `mkdir -p` with a mode for every directory it creates.
 pub fn create_dirs(path: &Path, mode: u32) -> io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    fs::DirBuilder::new().recursive(true).mode(mode).create(path)
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
 }

@@ -34,7 +34,10 @@ fn init_logging(verbose: u8) {
     let journald = is_journal(2)
         .then(|| tracing_journald::layer().ok())
         .flatten()
-        .map(|l| l.with_syslog_identifier("troops".into()).with_field_prefix(None));
+        .map(|l| {
+            l.with_syslog_identifier("troops".into())
+                .with_field_prefix(None)
+        });
     // A run's output lines reach a person through stdout; the text log would repeat them.
     let fmt = journald.is_none().then(|| {
         tracing_subscriber::fmt::layer()

@@ -5,9 +5,13 @@ use thiserror::Error;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum NameError {
-    #[error("invalid remote name {0:?}: use letters, digits, '-', '_' or '.', starting with a letter or digit")]
+    #[error(
+        "invalid remote name {0:?}: use letters, digits, '-', '_' or '.', starting with a letter or digit"
+    )]
     Remote(String),
-    #[error("invalid role name {0:?}: use letters, digits, '-', '_' or '.', starting with a letter or digit")]
+    #[error(
+        "invalid role name {0:?}: use letters, digits, '-', '_' or '.', starting with a letter or digit"
+    )]
     Role(String),
     #[error("invalid branch name {0:?}: {1}")]
     Branch(String, String),
@@ -84,6 +88,9 @@ pub fn check_url(name: &str, url: &str) -> Result<(), NameError> {
     if url.is_empty() {
         return bad("it is empty");
     }
+    if !url.contains("://") && url.contains("::") {
+        return bad("remote helper transports (like ext::) are not allowed");
+    }
     if url.chars().any(|c| c.is_control() || c == ' ') {
         return bad("it contains spaces or control characters");
     }
@@ -98,16 +105,15 @@ pub fn check_url(name: &str, url: &str) -> Result<(), NameError> {
             _ => bad("the scheme must be ssh, https, http, git or file"),
         };
     }
-    if url.contains("::") {
-        return bad("remote helper transports (like ext::) are not allowed");
-    }
     if url.starts_with('/') {
         return Ok(());
     }
     // scp-like `[user@]host:path`; a colon after a slash would make it a relative path.
     match url.split_once(':') {
         Some((host, path)) if !host.is_empty() && !host.contains('/') && !path.is_empty() => Ok(()),
-        _ => bad("expected an ssh, https, http, git or file URL, user@host:path, or an absolute path"),
+        _ => bad(
+            "expected an ssh, https, http, git or file URL, user@host:path, or an absolute path",
+        ),
     }
 }
 
@@ -161,7 +167,9 @@ mod tests {
         }
         assert!(check_branch("master").is_ok());
         assert!(check_branch("release/2026").is_ok());
-        for bad in ["", "a..b", "x.lock", "-x", "a b", "a:b", ".hidden", "HEAD", "a/"] {
+        for bad in [
+            "", "a..b", "x.lock", "-x", "a b", "a:b", ".hidden", "HEAD", "a/",
+        ] {
             assert!(check_branch(bad).is_err(), "{bad}");
         }
     }

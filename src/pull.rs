@@ -19,7 +19,9 @@ use crate::target::{self, Offer, Standing};
 
 #[derive(Debug, Error)]
 pub enum PullError {
-    #[error("no remotes are configured in {0} (add one with `troops init --remote NAME=URL` or `git remote add`)")]
+    #[error(
+        "no remotes are configured in {0} (add one with `troops init --remote NAME=URL` or `git remote add`)"
+    )]
     NoRemotes(String),
     #[error(transparent)]
     Repo(#[from] RepoError),
@@ -126,7 +128,9 @@ pub fn pull(node: &Node, exe: &Path, out: &mut dyn Output) -> Result<PullOutcome
             });
         }
     }
-    let decision = target::choose(local, &offers, |a, b| repo.is_ancestor(a, b).unwrap_or(false));
+    let decision = target::choose(local, &offers, |a, b| {
+        repo.is_ancestor(a, b).unwrap_or(false)
+    });
 
     for (remote, high) in &decision.seen {
         let old = repo.ref_target(&seen_ref(remote))?;
@@ -157,20 +161,32 @@ pub fn pull(node: &Node, exe: &Path, out: &mut dyn Output) -> Result<PullOutcome
                 };
                 ("tip", Some(*tip), problem)
             }
-            Fetched::NoBranch => ("no-branch", None, Some(format!("has no branch {}", settings.branch))),
+            Fetched::NoBranch => (
+                "no-branch",
+                None,
+                Some(format!("has no branch {}", settings.branch)),
+            ),
             Fetched::Failed { error } => ("failed", None, Some(error.clone())),
-            Fetched::TimedOut { seconds } => ("timed-out", None, Some(format!("no answer within {seconds}s"))),
+            Fetched::TimedOut { seconds } => (
+                "timed-out",
+                None,
+                Some(format!("no answer within {seconds}s")),
+            ),
         };
         if let Some(p) = &problem {
-            tracing::warn!(remote = %f.remote, "remote {}: {p}", f.remote);
-            out.line(&format!("troops: remote {} ({}): {p}", f.remote, f.url));
+            tracing::warn!(remote = %f.remote, "remote {} ({}): {p}", f.remote, f.url);
         }
         remotes_report.push(RemoteReport {
             name: f.remote.clone(),
             url: f.url.clone(),
             fetch: fetch.into(),
             tip,
-            standing: standing.map(|s| serde_json::to_value(s).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()),
+            standing: standing.map(|s| {
+                serde_json::to_value(s)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default()
+            }),
             problem,
         });
     }
@@ -182,7 +198,6 @@ pub fn pull(node: &Node, exe: &Path, out: &mut dyn Output) -> Result<PullOutcome
             local.map_or("nothing".into(), |l| l.short())
         );
         tracing::warn!("{msg}");
-        out.line(&format!("troops: {msg}"));
     }
     if let Some(t) = decision.target {
         repo.update_ref(&branch_ref, t, local, "troops: fast-forward from remotes")?;
@@ -204,9 +219,17 @@ pub fn pull(node: &Node, exe: &Path, out: &mut dyn Output) -> Result<PullOutcome
     if let Some(head) = head.filter(|h| Some(*h) != deployed) {
         let retry = load_retry(layout);
         let now = backoff::unix_now();
-        match backoff::retry_at(retry.as_ref(), head, now, settings.retry_min, settings.retry_max) {
+        match backoff::retry_at(
+            retry.as_ref(),
+            head,
+            now,
+            settings.retry_min,
+            settings.retry_max,
+        ) {
             Some(at) => {
-                let when = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(at));
+                let when = humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + Duration::from_secs(at),
+                );
                 let msg = format!(
                     "deploy of {} failed {} time(s); next attempt after {when}",
                     head.short(),
@@ -215,7 +238,16 @@ pub fn pull(node: &Node, exe: &Path, out: &mut dyn Output) -> Result<PullOutcome
                 out.line(&format!("troops: {msg}"));
                 report.waiting = Some(msg);
             }
-            None => run = Some(deploy_tracked(node, &repo, head, "pull", retry.as_ref(), out)?),
+            None => {
+                run = Some(deploy_tracked(
+                    node,
+                    &repo,
+                    head,
+                    "pull",
+                    retry.as_ref(),
+                    out,
+                )?)
+            }
         }
     }
     save_json(&layout.pull_report(), &report)?;
@@ -256,5 +288,12 @@ pub fn deploy_head(node: &Node, trigger: &str, out: &mut dyn Output) -> anyhow::
         .ref_target(&format!("refs/heads/{branch}"))?
         .ok_or_else(|| NothingToDeploy(branch.clone()))?;
     let retry = load_retry(layout);
-    Ok(deploy_tracked(node, &repo, head, trigger, retry.as_ref(), out)?)
+    Ok(deploy_tracked(
+        node,
+        &repo,
+        head,
+        trigger,
+        retry.as_ref(),
+        out,
+    )?)
 }

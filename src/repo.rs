@@ -69,7 +69,9 @@ pub enum RepoError {
     },
     #[error("no remote named {0:?}")]
     NoSuchRemote(String),
-    #[error("{reference} moved while we were updating it (expected {expected}); nothing was changed")]
+    #[error(
+        "{reference} moved while we were updating it (expected {expected}); nothing was changed"
+    )]
     Moved { reference: String, expected: String },
     #[error("failed to check out {commit} into {path}: {message}")]
     Checkout {
@@ -100,7 +102,10 @@ pub struct Repo {
 }
 
 impl Repo {
-    fn err<E: std::error::Error + 'static>(&self, what: impl Into<String>) -> impl FnOnce(E) -> RepoError {
+    fn err<E: std::error::Error + 'static>(
+        &self,
+        what: impl Into<String>,
+    ) -> impl FnOnce(E) -> RepoError {
         let path = self.path.clone();
         let what = what.into();
         move |e| RepoError::Git {
@@ -150,7 +155,10 @@ impl Repo {
             .remote_names()
             .into_iter()
             .filter_map(|name| {
-                let remote = self.repo.find_remote(name.as_ref() as &gix::bstr::BStr).ok()?;
+                let remote = self
+                    .repo
+                    .find_remote(name.as_ref() as &gix::bstr::BStr)
+                    .ok()?;
                 let url = remote.url(Direction::Fetch)?.to_bstring().to_string();
                 Some((name.to_string(), url))
             })
@@ -326,7 +334,9 @@ impl Repo {
         let base = self
             .repo
             .merge_base(ancestor.0, descendant.0)
-            .map_err(self.err(format!("find the merge base of {ancestor} and {descendant}")));
+            .map_err(self.err(format!(
+                "find the merge base of {ancestor} and {descendant}"
+            )));
         match base {
             Ok(base) => Ok(base.map(|b| b.detach()) == Some(ancestor.0)),
             // Unrelated histories have no merge base; gix reports that as an error.

@@ -123,7 +123,10 @@ impl Settings {
             return value("fetch_timeout", "at least 1 (seconds)");
         }
         if self.retry_min == 0 || self.retry_max < self.retry_min {
-            return value("retry_min/retry_max", "1 <= retry_min <= retry_max (seconds)");
+            return value(
+                "retry_min/retry_max",
+                "1 <= retry_min <= retry_max (seconds)",
+            );
         }
         if self.keep_runs == 0 {
             return value("keep_runs", "at least 1");
@@ -181,13 +184,24 @@ mod tests {
         let p = Path::new("/x/troops.toml");
         let e = Settings::parse("rolez = []\n", p).unwrap_err().to_string();
         assert!(e.contains("/x/troops.toml") && e.contains("rolez"), "{e}");
-        let e = Settings::parse("branch = \"a\"\nbranch = \"b\"\n", p).unwrap_err().to_string();
-        assert!(e.starts_with("/x/troops.toml: line 2, column 1: duplicate key"), "{e}");
-        let e = Settings::parse("roles = [\"a b\"]\n", p).unwrap_err().to_string();
+        let e = Settings::parse("branch = \"a\"\nbranch = \"b\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("/x/troops.toml: line 2, column 1: duplicate key"),
+            "{e}"
+        );
+        let e = Settings::parse("roles = [\"a b\"]\n", p)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("invalid role name"), "{e}");
-        let e = Settings::parse("fetch_timeout = 0\n", p).unwrap_err().to_string();
+        let e = Settings::parse("fetch_timeout = 0\n", p)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("fetch_timeout"), "{e}");
-        let e = Settings::parse("python = \"python3\"\n", p).unwrap_err().to_string();
+        let e = Settings::parse("python = \"python3\"\n", p)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("absolute"), "{e}");
     }
 }

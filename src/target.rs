@@ -93,11 +93,7 @@ pub fn choose<Id: Copy + Eq>(
         // Name the remotes whose tips no other candidate contains: the heads that diverge.
         let mut names: Vec<String> = candidates
             .iter()
-            .filter(|&&(_, c)| {
-                !candidates
-                    .iter()
-                    .any(|&(_, d)| d != c && is_ancestor(c, d))
-            })
+            .filter(|&&(_, c)| !candidates.iter().any(|&(_, d)| d != c && is_ancestor(c, d)))
             .map(|&(name, _)| name.to_owned())
             .collect();
         names.dedup();
@@ -109,7 +105,11 @@ pub fn choose<Id: Copy + Eq>(
     if let Some(t) = target {
         for ((_, standing), offer) in standings.iter_mut().zip(offers) {
             if matches!(*standing, Standing::Ahead | Standing::Current) {
-                *standing = if offer.tip == t { Standing::Current } else { Standing::Behind };
+                *standing = if offer.tip == t {
+                    Standing::Current
+                } else {
+                    Standing::Behind
+                };
             }
         }
     }
@@ -171,7 +171,11 @@ mod tests {
     fn takes_the_tip_that_contains_the_others() {
         let d = choose(
             Some(2),
-            &[offer("a", 3, None), offer("b", 4, None), offer("c", 2, None)],
+            &[
+                offer("a", 3, None),
+                offer("b", 4, None),
+                offer("c", 2, None),
+            ],
             history(),
         );
         assert_eq!(d.target, Some(4));
@@ -214,7 +218,11 @@ mod tests {
 
     #[test]
     fn a_diverged_remote_is_ignored_while_others_advance() {
-        let d = choose(Some(3), &[offer("a", 6, None), offer("b", 4, None)], history());
+        let d = choose(
+            Some(3),
+            &[offer("a", 6, None), offer("b", 4, None)],
+            history(),
+        );
         assert_eq!(d.target, Some(4));
         assert_eq!(standing(&d, "a"), Standing::Diverged);
         assert!(Standing::Diverged.is_problem());
@@ -224,7 +232,11 @@ mod tests {
     fn candidates_that_diverge_from_each_other_mean_stay() {
         let d = choose(
             Some(2),
-            &[offer("a", 4, None), offer("b", 6, None), offer("c", 3, None)],
+            &[
+                offer("a", 4, None),
+                offer("b", 6, None),
+                offer("c", 3, None),
+            ],
             history(),
         );
         assert_eq!(d.target, None);
@@ -234,7 +246,11 @@ mod tests {
 
     #[test]
     fn equal_tips_agree() {
-        let d = choose(Some(1), &[offer("a", 4, None), offer("b", 4, None)], history());
+        let d = choose(
+            Some(1),
+            &[offer("a", 4, None), offer("b", 4, None)],
+            history(),
+        );
         assert_eq!(d.target, Some(4));
         assert!(d.disagree.is_empty());
     }

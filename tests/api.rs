@@ -75,7 +75,12 @@ fn the_api_as_deploy_py_sees_it() {
     let first = up.commit("probe");
     up.push(&remote);
     node.troops(&["pull"]).ok();
-    let seen: Value = serde_json::from_str(&node.read("api.json").unwrap_or_else(|| panic!("deploy.py wrote no api.json:\n{}", node.run_log(1)))).unwrap();
+    let seen: Value = serde_json::from_str(
+        &node
+            .read("api.json")
+            .unwrap_or_else(|| panic!("deploy.py wrote no api.json:\n{}", node.run_log(1))),
+    )
+    .unwrap();
 
     assert_eq!(seen["web"], true);
     assert_eq!(seen["dc1"], true);
@@ -90,27 +95,68 @@ fn the_api_as_deploy_py_sees_it() {
     assert_eq!(seen["settings_branch"], "master");
     let venv = node.runs()[0]["venv"].as_str().unwrap().to_owned();
     let venv_dir = node.path(&format!("var/lib/troops/venvs/{venv}"));
-    assert_eq!(seen["executable"], venv_dir.join("bin/python").display().to_string());
+    assert_eq!(
+        seen["executable"],
+        venv_dir.join("bin/python").display().to_string()
+    );
     assert_eq!(seen["prefix"], venv_dir.display().to_string());
-    assert_eq!(seen["sub"], venv_dir.display().to_string(), "subprocess of sys.executable");
-    assert_eq!(seen["base_prefix"], "/usr", "the venv is not made from Debian's python");
-    assert_eq!(seen["results_after_child"], false, "a child python wrote the run's results");
+    assert_eq!(
+        seen["sub"],
+        venv_dir.display().to_string(),
+        "subprocess of sys.executable"
+    );
+    assert_eq!(
+        seen["base_prefix"], "/usr",
+        "the venv is not made from Debian's python"
+    );
+    assert_eq!(
+        seen["results_after_child"], false,
+        "a child python wrote the run's results"
+    );
     assert_eq!(seen["pip"], 0, "pip.main failed inside deploy.py");
-    assert!(seen["env_path"].as_str().unwrap().starts_with(&venv_dir.join("bin").display().to_string()));
+    assert!(
+        seen["env_path"]
+            .as_str()
+            .unwrap()
+            .starts_with(&venv_dir.join("bin").display().to_string())
+    );
     assert_eq!(seen["stdin_empty"], true);
-    assert_eq!(seen["order"], serde_json::json!(["first", "needs_late", "needs_web"]));
-    assert_eq!(seen["roles"], serde_json::json!(["base", "dc1", "exact", "late", "web"]));
+    assert_eq!(
+        seen["order"],
+        serde_json::json!(["first", "needs_late", "needs_web"])
+    );
+    assert_eq!(
+        seen["roles"],
+        serde_json::json!(["base", "dc1", "exact", "late", "web"])
+    );
 
     let run = &node.runs()[0];
     let statuses: Vec<(String, String)> = run["deployables"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|d| (d["name"].as_str().unwrap().into(), d["status"].as_str().unwrap().into()))
+        .map(|d| {
+            (
+                d["name"].as_str().unwrap().into(),
+                d["status"].as_str().unwrap().into(),
+            )
+        })
         .collect();
-    let expect = [("first", "ran"), ("needs_late", "ran"), ("needs_db", "skipped"), ("needs_web", "ran"), ("write_out", "ran")];
-    assert_eq!(statuses, expect.map(|(a, b)| (a.to_string(), b.to_string())));
-    assert_eq!(run["roles"], serde_json::json!(["base", "dc1", "exact", "late", "web"]));
+    let expect = [
+        ("first", "ran"),
+        ("needs_late", "ran"),
+        ("needs_db", "skipped"),
+        ("needs_web", "ran"),
+        ("write_out", "ran"),
+    ];
+    assert_eq!(
+        statuses,
+        expect.map(|(a, b)| (a.to_string(), b.to_string()))
+    );
+    assert_eq!(
+        run["roles"],
+        serde_json::json!(["base", "dc1", "exact", "late", "web"])
+    );
 
     // A second commit sees the first as its previous commit.
     up.write("deploy.py", "import pathlib, troops\npathlib.Path(troops.root, 'prev').write_text(troops.previous_commit)\n");
@@ -134,8 +180,16 @@ fn a_failing_deployable_fails_the_run_and_stops_the_rest() {
     up.commit("x");
     up.push(&remote);
     let out = node.troops(&["pull"]).failed();
-    assert!(out.stderr.contains("deployable two failed") && out.stderr.contains("disk on fire"), "{}", out.stderr);
-    assert!(out.stdout.contains("one ran") && !out.stdout.contains("three ran"), "{}", out.stdout);
+    assert!(
+        out.stderr.contains("deployable two failed") && out.stderr.contains("disk on fire"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stdout.contains("one ran") && !out.stdout.contains("three ran"),
+        "{}",
+        out.stdout
+    );
     assert!(out.stdout.contains("Traceback"), "{}", out.stdout);
     let run = &node.runs()[0];
     assert_eq!(run["result"], "failed");
@@ -158,9 +212,17 @@ fn an_exception_at_the_top_level_skips_every_deployable() {
     up.push(&remote);
     let out = node.troops(&["pull"]).failed();
     assert!(!out.stdout.contains("NEVER"), "{}", out.stdout);
-    assert!(out.stderr.contains("KeyError: 'missing'"), "the one-line error quotes the exception: {}", out.stderr);
+    assert!(
+        out.stderr.contains("KeyError: 'missing'"),
+        "the one-line error quotes the exception: {}",
+        out.stderr
+    );
     // The traceback points at deploy.py's own line.
-    assert!(node.run_log(1).contains("deploy.py\", line 7"), "{}", node.run_log(1));
+    assert!(
+        node.run_log(1).contains("deploy.py\", line 7"),
+        "{}",
+        node.run_log(1)
+    );
     assert_eq!(node.runs()[0]["deployables"][0]["status"], "skipped");
 }
 
@@ -188,10 +250,20 @@ fn by_hand_the_module_reads_the_node_and_runs_deployables_at_exit() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("roles ['cache', 'web'] commit None"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("roles ['cache', 'web'] commit None"),
+        "{stdout}"
+    );
     assert!(stdout.contains("web deployable ran"), "{stdout}");
-    assert!(stdout.contains("troops: deployable db: skipped (needs role db)"), "{stdout}");
+    assert!(
+        stdout.contains("troops: deployable db: skipped (needs role db)"),
+        "{stdout}"
+    );
     assert!(!stdout.contains("db ran"), "{stdout}");
 }
 
@@ -210,7 +282,11 @@ fn troops_run_uses_a_working_copy_and_no_node_state() {
         .unwrap()
         .into();
     let out = out.ok();
-    assert!(out.stdout.contains("roles ['web'] host web-1.example.com"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("roles ['web'] host web-1.example.com"),
+        "{}",
+        out.stdout
+    );
     assert!(out.stdout.contains("web ran"), "{}", out.stdout);
     assert!(!root.exists(), "troops run wrote node state");
 }

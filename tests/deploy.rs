@@ -18,7 +18,12 @@ fn one_remote(roles: &[&str]) -> One {
     let remote = world.bare("origin");
     let node = world.node("n1");
     node.init(&[("origin", &remote)], roles);
-    One { world, up, remote, node }
+    One {
+        world,
+        up,
+        remote,
+        node,
+    }
 }
 
 impl One {
@@ -89,9 +94,17 @@ fn venvs_are_reused_rebuilt_and_never_stale() {
     t.ship("only deploy.py");
     let out = t.node.troops(&["pull"]).ok();
     assert_eq!(t.node.read("value").as_deref(), Some("first!"));
-    assert_eq!(builds(&counter), 1, "an installer ran for unchanged requirements");
+    assert_eq!(
+        builds(&counter),
+        1,
+        "an installer ran for unchanged requirements"
+    );
     assert!(out.stdout.contains("reusing virtualenv"), "{}", out.stdout);
-    assert!(!out.stdout.contains("installing requirements"), "{}", out.stdout);
+    assert!(
+        !out.stdout.contains("installing requirements"),
+        "{}",
+        out.stdout
+    );
     assert_eq!(t.node.runs()[1]["venv"], first_venv);
 
     // The local package changes, requirements.txt does not: a new venv, and the new code runs.
@@ -123,7 +136,11 @@ fn the_checkout_is_fresh_for_every_commit() {
     t.up.remove("old.txt");
     let three = t.ship("removes old.txt");
     let out = t.node.troops(&["pull"]).ok();
-    assert!(!out.stdout.contains("scribble"), "a previous run's file leaked: {}", out.stdout);
+    assert!(
+        !out.stdout.contains("scribble"),
+        "a previous run's file leaked: {}",
+        out.stdout
+    );
     let work: Vec<String> = std::fs::read_dir(t.node.path("var/lib/troops/work"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -138,11 +155,22 @@ fn a_failed_deploy_is_retried_with_backoff_and_a_fix_goes_out_at_once() {
     let good = t.ship("good");
     t.node.troops(&["pull"]).ok();
 
-    t.up.write("deploy.py", "import sys\nprint('about to fail')\nsys.exit(3)\n");
+    t.up.write(
+        "deploy.py",
+        "import sys\nprint('about to fail')\nsys.exit(3)\n",
+    );
     let bad = t.ship("bad");
     let out = t.node.troops(&["pull"]).failed();
-    assert!(out.stderr.contains("deploy.py exited with status 3"), "{}", out.stderr);
-    assert_eq!(t.node.deployed().as_deref(), Some(good.as_str()), "a failed deploy moved deployed");
+    assert!(
+        out.stderr.contains("deploy.py exited with status 3"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        t.node.deployed().as_deref(),
+        Some(good.as_str()),
+        "a failed deploy moved deployed"
+    );
     assert_eq!(t.node.head().as_deref(), Some(bad.as_str()));
     let runs = t.node.runs();
     assert_eq!(runs.len(), 2);
@@ -154,7 +182,13 @@ fn a_failed_deploy_is_retried_with_backoff_and_a_fix_goes_out_at_once() {
     let out = t.node.troops(&["pull"]).ok();
     assert!(out.stdout.contains("next attempt after"), "{}", out.stdout);
     assert_eq!(t.node.runs().len(), 2);
-    assert!(t.node.troops(&["status"]).ok().stdout.contains("waiting   deploy of"));
+    assert!(
+        t.node
+            .troops(&["status"])
+            .ok()
+            .stdout
+            .contains("waiting   deploy of")
+    );
 
     // Once the backoff has passed, it is tried again.
     t.node.set("retry_min", "1");
@@ -200,10 +234,19 @@ fn a_deploy_killed_mid_run_is_deployed_again_and_nothing_is_corrupt() {
         ),
     );
     let head = t.ship("slow");
-    let mut pull = t.node.command(&["pull"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut pull = t
+        .node
+        .command(&["pull"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let log = t.node.path("var/lib/troops/runs/1.log");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(&log).unwrap_or_default().contains("started") {
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("started")
+    {
         assert!(Instant::now() < deadline, "deploy.py never started");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -211,8 +254,14 @@ fn a_deploy_killed_mid_run_is_deployed_again_and_nothing_is_corrupt() {
     pull.wait().unwrap();
     // deploy.py dies with the agent rather than running on unobserved.
     std::thread::sleep(Duration::from_millis(500));
-    let ps = std::process::Command::new("ps").args(["-eo", "args"]).output().unwrap();
-    assert!(!String::from_utf8_lossy(&ps.stdout).contains(t.node.root.to_str().unwrap()), "deploy.py outlived the agent");
+    let ps = std::process::Command::new("ps")
+        .args(["-eo", "args"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&ps.stdout).contains(t.node.root.to_str().unwrap()),
+        "deploy.py outlived the agent"
+    );
     assert_eq!(t.node.deployed(), None);
     assert_eq!(t.node.read("done"), None);
 
@@ -236,9 +285,22 @@ fn run_records_are_kept_to_the_limit() {
     for _ in 0..4 {
         t.node.troops(&["deploy"]).ok();
     }
-    let ids: Vec<u64> = t.node.runs().iter().map(|r| r["id"].as_u64().unwrap()).collect();
+    let ids: Vec<u64> = t
+        .node
+        .runs()
+        .iter()
+        .map(|r| r["id"].as_u64().unwrap())
+        .collect();
     assert_eq!(ids, vec![3, 4, 5]);
     assert!(!t.node.path("var/lib/troops/runs/1.log").exists());
     let listing = t.node.troops(&["log"]).ok().stdout;
-    assert!(listing.lines().next().unwrap().trim_start().starts_with('5'), "newest first: {listing}");
+    assert!(
+        listing
+            .lines()
+            .next()
+            .unwrap()
+            .trim_start()
+            .starts_with('5'),
+        "newest first: {listing}"
+    );
 }

@@ -26,7 +26,12 @@ fn fleet() -> Fleet {
         &[("a", &remotes[0]), ("b", &remotes[1]), ("c", &remotes[2])],
         &["web"],
     );
-    Fleet { world, up, remotes, node }
+    Fleet {
+        world,
+        up,
+        remotes,
+        node,
+    }
 }
 
 #[test]
@@ -47,12 +52,19 @@ fn first_pull_deploys_and_a_noop_pull_runs_nothing() {
         assert_eq!(f.node.remote_report(r)["standing"], "current");
     }
 
-    let venvs = std::fs::read_dir(f.node.path("var/lib/troops/venvs")).unwrap().count();
+    let venvs = std::fs::read_dir(f.node.path("var/lib/troops/venvs"))
+        .unwrap()
+        .count();
     let out = f.node.troops(&["pull"]).ok();
     assert!(out.stdout.contains("up to date"), "{}", out.stdout);
     assert!(!out.stdout.contains("deploying"), "{}", out.stdout);
     assert_eq!(f.node.runs().len(), 1, "a no-op pull made a run");
-    assert_eq!(std::fs::read_dir(f.node.path("var/lib/troops/venvs")).unwrap().count(), venvs);
+    assert_eq!(
+        std::fs::read_dir(f.node.path("var/lib/troops/venvs"))
+            .unwrap()
+            .count(),
+        venvs
+    );
     for r in ["a", "b", "c"] {
         assert_eq!(f.node.remote_report(r)["standing"], "current");
     }
@@ -92,10 +104,20 @@ fn a_force_pushed_older_commit_is_ignored_and_reported() {
 
     f.up.force_push(&f.remotes[0], &one);
     f.node.troops(&["pull"]).ok();
-    assert_eq!(f.node.head().as_deref(), Some(two.as_str()), "the node rewound");
+    assert_eq!(
+        f.node.head().as_deref(),
+        Some(two.as_str()),
+        "the node rewound"
+    );
     assert_eq!(f.node.read("out/tag").as_deref(), Some("two"));
     let a = f.node.remote_report("a");
-    assert_eq!(a["standing"], "rewound", "{}\none={one} two={two}\n{}", f.node.status(), git(&f.node.repo(), &["for-each-ref"]));
+    assert_eq!(
+        a["standing"],
+        "rewound",
+        "{}\none={one} two={two}\n{}",
+        f.node.status(),
+        git(&f.node.repo(), &["for-each-ref"])
+    );
     assert!(a["problem"].as_str().unwrap().contains("backwards"), "{a}");
     let human = f.node.troops(&["status"]).ok().stdout;
     assert!(human.contains("PROBLEM: went backwards"), "{human}");
@@ -127,7 +149,10 @@ fn a_remote_rewritten_to_a_diverging_history_is_ignored() {
     assert_eq!(f.node.read("out/tag").as_deref(), Some("two"));
     let c = f.node.remote_report("c");
     assert_eq!(c["standing"], "diverged");
-    assert!(c["problem"].as_str().unwrap().contains("does not contain"), "{c}");
+    assert!(
+        c["problem"].as_str().unwrap().contains("does not contain"),
+        "{c}"
+    );
     assert_eq!(f.node.remote_report("a")["standing"], "current");
 }
 
@@ -145,11 +170,18 @@ fn remotes_that_diverge_from_each_other_keep_the_node_where_it_is() {
     f.up.push(&f.remotes[1]);
 
     let out = f.node.troops(&["pull"]).failed();
-    assert!(out.stdout.contains("remotes a and b disagree"), "{}", out.all());
+    assert!(
+        out.stderr.contains("remotes a and b disagree"),
+        "{}",
+        out.all()
+    );
     assert_eq!(f.node.head().as_deref(), Some(one.as_str()));
     assert_eq!(f.node.read("out/tag").as_deref(), Some("one"));
     let status = f.node.status();
-    assert_eq!(status["last_pull"]["disagree"], serde_json::json!(["a", "b"]));
+    assert_eq!(
+        status["last_pull"]["disagree"],
+        serde_json::json!(["a", "b"])
+    );
     let human = f.node.troops(&["status"]).ok().stdout;
     assert!(human.contains("remotes a and b disagree"), "{human}");
     assert_eq!(f.node.runs().len(), 1);
@@ -163,10 +195,25 @@ fn a_missing_and_a_hanging_remote_do_not_stop_the_others() {
     // Not exec'd, so the script's own path (unique to this test) shows in ps while it hangs.
     std::fs::write(&fake_ssh, "#!/bin/sh\nsleep 600\n").unwrap();
     let marker = fake_ssh.display().to_string();
-    std::process::Command::new("chmod").arg("755").arg(&fake_ssh).status().unwrap();
+    std::process::Command::new("chmod")
+        .arg("755")
+        .arg(&fake_ssh)
+        .status()
+        .unwrap();
     let missing = format!("d=file://{}", f.world.path("nowhere.git").display());
-    f.node.troops(&["init", "--remote", &missing, "--remote", "e=ssh://git@hang.invalid/x.git"]).ok();
-    git(&f.node.repo(), &["config", "core.sshCommand", &fake_ssh.display().to_string()]);
+    f.node
+        .troops(&[
+            "init",
+            "--remote",
+            &missing,
+            "--remote",
+            "e=ssh://git@hang.invalid/x.git",
+        ])
+        .ok();
+    git(
+        &f.node.repo(),
+        &["config", "core.sshCommand", &fake_ssh.display().to_string()],
+    );
     f.node.set("fetch_timeout", "3");
 
     f.up.write("deploy.py", &simple_deploy("two"));
@@ -174,14 +221,32 @@ fn a_missing_and_a_hanging_remote_do_not_stop_the_others() {
     f.up.push(&f.remotes[2]);
     let started = std::time::Instant::now();
     let out = f.node.troops(&["pull"]).ok();
-    assert!(started.elapsed().as_secs() < 60, "pull waited on the hanging remote");
-    assert_eq!(f.node.deployed().as_deref(), Some(two.as_str()), "{}", out.all());
+    assert!(
+        started.elapsed().as_secs() < 60,
+        "pull waited on the hanging remote"
+    );
+    assert_eq!(
+        f.node.deployed().as_deref(),
+        Some(two.as_str()),
+        "{}",
+        out.all()
+    );
     assert_eq!(f.node.remote_report("d")["fetch"], "failed");
     assert_eq!(f.node.remote_report("e")["fetch"], "timed-out");
-    assert!(out.stdout.contains("remote e") && out.stdout.contains("no answer within 3s"), "{}", out.stdout);
+    assert!(
+        out.stderr.contains("remote e") && out.stderr.contains("no answer within 3s"),
+        "{}",
+        out.stderr
+    );
     // The hung transport was killed with its fetch, not left behind.
-    let ps = std::process::Command::new("ps").args(["-eo", "args"]).output().unwrap();
-    assert!(!String::from_utf8_lossy(&ps.stdout).contains(&marker), "a hung fetch survived the pull");
+    let ps = std::process::Command::new("ps")
+        .args(["-eo", "args"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&ps.stdout).contains(&marker),
+        "a hung fetch survived the pull"
+    );
 }
 
 #[test]
@@ -208,7 +273,11 @@ fn two_pulls_at_once_deploy_each_commit_once() {
     assert_eq!(a.code, 0, "{}", a.all());
     assert_eq!(b.code, 0, "{}", b.all());
     let runs = f.node.runs();
-    assert_eq!(runs.len(), 1, "two pulls deployed one commit twice: {runs:?}");
+    assert_eq!(
+        runs.len(),
+        1,
+        "two pulls deployed one commit twice: {runs:?}"
+    );
     assert_eq!(runs[0]["commit"], head.as_str());
     assert!(
         a.stderr.contains("waiting") || b.stderr.contains("waiting"),
@@ -226,7 +295,11 @@ fn mirrors_sending_the_same_pack_at_once_all_fetch_cleanly() {
     for i in 0..30 {
         let node = f.world.node(&format!("m{i}"));
         node.init(
-            &[("a", &f.remotes[0]), ("b", &f.remotes[1]), ("c", &f.remotes[2])],
+            &[
+                ("a", &f.remotes[0]),
+                ("b", &f.remotes[1]),
+                ("c", &f.remotes[2]),
+            ],
             &[],
         );
         // The deploy is beside the point here: make it fail fast.

@@ -12,7 +12,14 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
         .arg("-C")
         .arg(dir)
-        .args(["-c", "user.name=Test", "-c", "user.email=test@example.com", "-c", "init.defaultBranch=master"])
+        .args([
+            "-c",
+            "user.name=Test",
+            "-c",
+            "user.email=test@example.com",
+            "-c",
+            "init.defaultBranch=master",
+        ])
         .args(args)
         .env("GIT_CONFIG_NOSYSTEM", "1")
         .env("GIT_CONFIG_GLOBAL", "/dev/null")
@@ -41,7 +48,10 @@ impl World {
             module.display()
         );
         World {
-            dir: tempfile::Builder::new().prefix("troops-test-").tempdir().unwrap(),
+            dir: tempfile::Builder::new()
+                .prefix("troops-test-")
+                .tempdir()
+                .unwrap(),
         }
     }
 
@@ -101,11 +111,28 @@ impl Upstream {
     }
 
     pub fn push(&self, bare: &Path) {
-        git(&self.dir, &["push", "-q", &bare.display().to_string(), "HEAD:refs/heads/master"]);
+        git(
+            &self.dir,
+            &[
+                "push",
+                "-q",
+                &bare.display().to_string(),
+                "HEAD:refs/heads/master",
+            ],
+        );
     }
 
     pub fn force_push(&self, bare: &Path, rev: &str) {
-        git(&self.dir, &["push", "-q", "-f", &bare.display().to_string(), &format!("{rev}:refs/heads/master")]);
+        git(
+            &self.dir,
+            &[
+                "push",
+                "-q",
+                "-f",
+                &bare.display().to_string(),
+                &format!("{rev}:refs/heads/master"),
+            ],
+        );
     }
 
     pub fn reset_hard(&self, rev: &str) {
@@ -125,12 +152,20 @@ pub struct Run {
 
 impl Run {
     pub fn ok(self) -> Run {
-        assert_eq!(self.code, 0, "troops failed:\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        assert_eq!(
+            self.code, 0,
+            "troops failed:\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
         self
     }
 
     pub fn failed(self) -> Run {
-        assert_ne!(self.code, 0, "troops should have failed:\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        assert_ne!(
+            self.code, 0,
+            "troops should have failed:\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
         self
     }
 
@@ -152,7 +187,11 @@ impl From<Output> for Run {
 impl Node {
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(TROOPS);
-        c.arg("--root").arg(&self.root).args(args).env_remove("TROOPS_ROOT").env_remove("JOURNAL_STREAM");
+        c.arg("--root")
+            .arg(&self.root)
+            .args(args)
+            .env_remove("TROOPS_ROOT")
+            .env_remove("JOURNAL_STREAM");
         c
     }
 
@@ -197,7 +236,10 @@ impl Node {
             .map(String::from)
             .collect();
         // Top-level keys go before any table.
-        let at = lines.iter().position(|l| l.starts_with('[')).unwrap_or(lines.len());
+        let at = lines
+            .iter()
+            .position(|l| l.starts_with('['))
+            .unwrap_or(lines.len());
         lines.insert(at, format!("{key} = {value}"));
         std::fs::write(p, lines.join("\n") + "\n").unwrap();
     }
@@ -209,7 +251,9 @@ impl Node {
             .args(["rev-parse", "--verify", "-q", name])
             .output()
             .unwrap();
-        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
 
     pub fn head(&self) -> Option<String> {
@@ -253,7 +297,11 @@ impl Node {
             .args(["fsck", "--strict"])
             .output()
             .unwrap();
-        assert!(out.status.success(), "git fsck: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "git fsck: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 

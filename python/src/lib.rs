@@ -78,7 +78,10 @@ fn define_role(py: Python<'_>, name: &str, hosts: &Bound<'_, PyAny>) -> PyResult
     check_role(name)?;
     let patterns: Vec<String> = match hosts.extract::<String>() {
         Ok(one) => vec![one],
-        Err(_) => hosts.try_iter()?.map(|h| h?.extract()).collect::<PyResult<_>>()?,
+        Err(_) => hosts
+            .try_iter()?
+            .map(|h| h?.extract())
+            .collect::<PyResult<_>>()?,
     };
     let fqdn = hostname(py)?;
     let short = fqdn.split('.').next().unwrap_or(&fqdn).to_owned();
@@ -86,13 +89,17 @@ fn define_role(py: Python<'_>, name: &str, hosts: &Bound<'_, PyAny>) -> PyResult
     let mut matched = false;
     for p in &patterns {
         for candidate in [&fqdn, &short] {
-            if fnmatch.call_method1("fnmatchcase", (candidate, p))?.is_truthy()? {
+            if fnmatch
+                .call_method1("fnmatchcase", (candidate, p))?
+                .is_truthy()?
+            {
                 matched = true;
             }
         }
     }
     let m = this(py)?;
-    m.getattr("defined_roles")?.set_item(name, PyList::new(py, &patterns)?)?;
+    m.getattr("defined_roles")?
+        .set_item(name, PyList::new(py, &patterns)?)?;
     if matched {
         m.getattr("roles")?.call_method1("add", (name,))?;
     }
@@ -125,8 +132,13 @@ fn register(py: Python<'_>, func: &Bound<'_, PyAny>, roles: Option<Vec<String>>)
         Some(r) => PyList::new(py, r)?.into_any(),
         None => py.None().into_bound(py),
     };
-    let entry = PyTuple::new(py, [PyString::new(py, &name).into_any(), func.clone(), roles])?;
-    this(py)?.getattr("_deployables")?.call_method1("append", (entry,))?;
+    let entry = PyTuple::new(
+        py,
+        [PyString::new(py, &name).into_any(), func.clone(), roles],
+    )?;
+    this(py)?
+        .getattr("_deployables")?
+        .call_method1("append", (entry,))?;
     Ok(())
 }
 
@@ -135,7 +147,11 @@ fn register(py: Python<'_>, func: &Bound<'_, PyAny>, roles: Option<Vec<String>>)
 /// `@deployable(roles=["web"])`.
 #[pyfunction]
 #[pyo3(signature = (func=None, *, roles=None))]
-fn deployable(py: Python<'_>, func: Option<Bound<'_, PyAny>>, roles: Option<Bound<'_, PyAny>>) -> PyResult<Py<PyAny>> {
+fn deployable(
+    py: Python<'_>,
+    func: Option<Bound<'_, PyAny>>,
+    roles: Option<Bound<'_, PyAny>>,
+) -> PyResult<Py<PyAny>> {
     let roles = roles.map(|r| role_list(&r)).transpose()?;
     match func {
         Some(f) => {
@@ -149,9 +165,16 @@ fn deployable(py: Python<'_>, func: Option<Bound<'_, PyAny>>, roles: Option<Boun
 /// Installed as sys.excepthook: an uncaught exception means the top level failed, so the
 /// deployables must not run.
 #[pyfunction]
-fn _excepthook(py: Python<'_>, kind: Bound<'_, PyAny>, value: Bound<'_, PyAny>, tb: Bound<'_, PyAny>) -> PyResult<()> {
+fn _excepthook(
+    py: Python<'_>,
+    kind: Bound<'_, PyAny>,
+    value: Bound<'_, PyAny>,
+    tb: Bound<'_, PyAny>,
+) -> PyResult<()> {
     TOP_LEVEL_FAILED.store(true, Ordering::SeqCst);
-    this(py)?.getattr("_previous_excepthook")?.call1((kind, value, tb))?;
+    this(py)?
+        .getattr("_previous_excepthook")?
+        .call1((kind, value, tb))?;
     Ok(())
 }
 
@@ -172,8 +195,13 @@ fn _finish(py: Python<'_>) -> PyResult<()> {
     let mut failed = false;
     for entry in deployables.try_iter()? {
         let entry = entry?;
-        let (name, func, wanted): (String, Bound<'_, PyAny>, Option<Vec<String>>) = entry.extract()?;
-        let skip = |detail: String| Ran { name: name.clone(), status: "skipped", detail: Some(detail) };
+        let (name, func, wanted): (String, Bound<'_, PyAny>, Option<Vec<String>>) =
+            entry.extract()?;
+        let skip = |detail: String| Ran {
+            name: name.clone(),
+            status: "skipped",
+            detail: Some(detail),
+        };
         if top_failed {
             ran.push(skip("deploy.py failed before its end".into()));
             continue;
@@ -183,24 +211,45 @@ fn _finish(py: Python<'_>) -> PyResult<()> {
             continue;
         }
         if let Some(w) = &wanted
-            && !w.iter().try_fold(false, |any, r| Ok::<_, PyErr>(any || roles.contains(r)?))?
+            && !w
+                .iter()
+                .try_fold(false, |any, r| Ok::<_, PyErr>(any || roles.contains(r)?))?
         {
             ran.push(skip(format!("needs role {}", w.join(" or "))));
             continue;
         }
         match func.call0() {
-            Ok(_) => ran.push(Ran { name, status: "ran", detail: None }),
-            Err(e) if e.is_instance_of::<PySystemExit>(py)
-                && e.value(py).getattr("code").is_ok_and(|c| c.is_none() || c.extract::<i64>().is_ok_and(|c| c == 0)) =>
+            Ok(_) => ran.push(Ran {
+                name,
+                status: "ran",
+                detail: None,
+            }),
+            Err(e)
+                if e.is_instance_of::<PySystemExit>(py)
+                    && e.value(py)
+                        .getattr("code")
+                        .is_ok_and(|c| c.is_none() || c.extract::<i64>().is_ok_and(|c| c == 0)) =>
             {
-                ran.push(Ran { name, status: "ran", detail: None })
+                ran.push(Ran {
+                    name,
+                    status: "ran",
+                    detail: None,
+                })
             }
             Err(e) => {
                 // display() prints the traceback as the interpreter would, without exiting on
                 // SystemExit the way PyErr_Print does.
                 e.display(py);
-                let detail = e.value(py).repr().map(|r| r.to_string()).unwrap_or_default();
-                ran.push(Ran { name, status: "failed", detail: Some(detail) });
+                let detail = e
+                    .value(py)
+                    .repr()
+                    .map(|r| r.to_string())
+                    .unwrap_or_default();
+                ran.push(Ran {
+                    name,
+                    status: "failed",
+                    detail: Some(detail),
+                });
                 failed = true;
             }
         }
@@ -225,7 +274,10 @@ fn _finish(py: Python<'_>) -> PyResult<()> {
                     "troops: deployable {}: {}{}\n",
                     r.name,
                     r.status,
-                    r.detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default()
+                    r.detail
+                        .as_deref()
+                        .map(|d| format!(" ({d})"))
+                        .unwrap_or_default()
                 );
                 sys.getattr("stdout")?.call_method1("write", (line,))?;
             }
@@ -244,8 +296,17 @@ fn _finish(py: Python<'_>) -> PyResult<()> {
     Ok(())
 }
 
-fn write_results(py: Python<'_>, path: &Path, top_failed: bool, roles: &Bound<'_, PyAny>, ran: &[Ran]) -> PyResult<()> {
-    let mut role_names: Vec<String> = roles.try_iter()?.map(|r| r?.extract()).collect::<PyResult<_>>()?;
+fn write_results(
+    py: Python<'_>,
+    path: &Path,
+    top_failed: bool,
+    roles: &Bound<'_, PyAny>,
+    ran: &[Ran],
+) -> PyResult<()> {
+    let mut role_names: Vec<String> = roles
+        .try_iter()?
+        .map(|r| r?.extract())
+        .collect::<PyResult<_>>()?;
     role_names.sort();
     let value = serde_json::json!({
         "top_level": if top_failed { "failed" } else { "ok" },
@@ -274,11 +335,18 @@ struct Start {
 
 fn load_start() -> Result<Start, String> {
     if let Some(path) = std::env::var_os("TROOPS_CONTEXT") {
-        let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", Path::new(&path).display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", Path::new(&path).display()))?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("{}: {e}", Path::new(&path).display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| format!("{}: {e}", Path::new(&path).display()))?;
         let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(String::from);
         return Ok(Start {
-            roles: v["roles"].as_array().into_iter().flatten().filter_map(|r| r.as_str().map(String::from)).collect(),
+            roles: v["roles"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r.as_str().map(String::from))
+                .collect(),
             commit: s("commit"),
             previous_commit: s("previous_commit"),
             settings_json: v.get("settings").map_or("{}".into(), |x| x.to_string()),
@@ -295,11 +363,19 @@ fn load_start() -> Result<Start, String> {
     };
     let json = serde_json::to_value(&settings).map_err(|e| e.to_string())?;
     Ok(Start {
-        roles: json["roles"].as_array().into_iter().flatten().filter_map(|r| r.as_str().map(String::from)).collect(),
+        roles: json["roles"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r.as_str().map(String::from))
+            .collect(),
         commit: None,
         previous_commit: None,
         settings_json: json.to_string(),
-        hostname: json.get("hostname").and_then(|h| h.as_str()).map(String::from),
+        hostname: json
+            .get("hostname")
+            .and_then(|h| h.as_str())
+            .map(String::from),
         root: root.display().to_string(),
     })
 }
@@ -307,11 +383,16 @@ fn load_start() -> Result<Start, String> {
 #[pymodule]
 fn troops(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
-    let start = load_start().map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(format!("troops: {e}")))?;
+    let start = load_start()
+        .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(format!("troops: {e}")))?;
     m.add("roles", PySet::new(py, &start.roles)?)?;
     m.add("commit", start.commit)?;
     m.add("previous_commit", start.previous_commit)?;
-    m.add("settings", py.import("json")?.call_method1("loads", (start.settings_json,))?)?;
+    m.add(
+        "settings",
+        py.import("json")?
+            .call_method1("loads", (start.settings_json,))?,
+    )?;
     m.add("root", start.root)?;
     m.add("defined_roles", PyDict::new(py))?;
     m.add("_hostname", start.hostname)?;
@@ -326,6 +407,7 @@ fn troops(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let sys = py.import("sys")?;
     m.add("_previous_excepthook", sys.getattr("excepthook")?)?;
     sys.setattr("excepthook", m.getattr("_excepthook")?)?;
-    py.import("atexit")?.call_method1("register", (m.getattr("_finish")?,))?;
+    py.import("atexit")?
+        .call_method1("register", (m.getattr("_finish")?,))?;
     Ok(())
 }

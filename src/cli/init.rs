@@ -49,7 +49,13 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
     settings.validate(&settings_path)?;
 
     let _lock = super::lock_node(&layout)?;
-    for dir in [layout.etc(), layout.state_dir(), layout.runs(), layout.work(), layout.venvs()] {
+    for dir in [
+        layout.etc(),
+        layout.state_dir(),
+        layout.runs(),
+        layout.work(),
+        layout.venvs(),
+    ] {
         troops::fsutil::create_dirs(&dir, 0o755)
             .with_context(|| format!("failed to create {}", dir.display()))?;
     }
@@ -77,7 +83,10 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
         });
     }
     if changes.is_empty() {
-        println!("troops: node at {} is up to date; nothing changed", root.display());
+        println!(
+            "troops: node at {} is up to date; nothing changed",
+            root.display()
+        );
     }
     for c in changes {
         println!("troops: {c}");

@@ -38,11 +38,14 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
             "{:>5}  {}  {:<11}  {}  {:<8} {:>7.1}s{}",
             r.id,
             r.started,
-            format!("{:?}", r.result).to_lowercase(),
+            r.result.to_string(),
             r.commit.short(),
             r.trigger,
             r.duration_ms as f64 / 1000.0,
-            r.error.as_deref().map(|e| format!("  {e}")).unwrap_or_default()
+            r.error
+                .as_deref()
+                .map(|e| format!("  {e}"))
+                .unwrap_or_default()
         );
     }
     Ok(0)

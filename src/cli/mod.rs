@@ -15,7 +15,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "troops", version, about = "Make this machine deploy itself from git")]
+#[command(
+    name = "troops",
+    version,
+    about = "Make this machine deploy itself from git"
+)]
 pub struct Cli {
     /// Prefix for every node path (/etc/troops, /var/lib/troops, /run/troops), like dpkg --root.
     #[arg(long, global = true, env = "TROOPS_ROOT", default_value = "/")]

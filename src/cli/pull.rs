@@ -25,7 +25,10 @@ pub fn run(root: &Path, stdout_is_journal: bool) -> Result<u8> {
             return Ok(1);
         }
     } else if outcome.report.waiting.is_none() && report.disagree.is_empty() {
-        println!("troops: up to date at {}", report.from.map_or("nothing".into(), |c| c.short()));
+        println!(
+            "troops: up to date at {}",
+            report.from.map_or("nothing".into(), |c| c.short())
+        );
     }
     if !report.disagree.is_empty() {
         return Ok(1);

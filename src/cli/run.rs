@@ -67,7 +67,13 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
         root: root.display().to_string(),
     };
     let scratch = tempfile::tempdir().context("failed to make a scratch dir")?;
-    let outcome = python::run_deploy_py(&venv_dir, &dir, &context, &scratch.path().join("run"), &mut print)?;
+    let outcome = python::run_deploy_py(
+        &venv_dir,
+        &dir,
+        &context,
+        &scratch.path().join("run"),
+        &mut print,
+    )?;
     if let Some(r) = &outcome.results {
         for d in &r.deployables {
             println!("troops: deployable {}: {}", d.name, d.status);

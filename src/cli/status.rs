@@ -45,19 +45,26 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
     println!(
         "branch    {branch} at {}{}",
         short(head),
-        if head == deployed { ", deployed".to_string() } else { format!(", deployed {}", short(deployed)) }
+        if head == deployed {
+            ", deployed".to_string()
+        } else {
+            format!(", deployed {}", short(deployed))
+        }
     );
     println!("roles     {}", node.settings.roles.join(" "));
     if let Some(r) = &last {
         println!(
-            "last run  {} {:?} {} at {} ({}, {:.1}s){}",
+            "last run  {} {} {} at {} ({}, {:.1}s){}",
             r.id,
             r.result,
             r.commit.short(),
             r.started,
             r.trigger,
             r.duration_ms as f64 / 1000.0,
-            r.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+            r.error
+                .as_deref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
         );
     }
     match &pull {

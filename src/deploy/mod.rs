@@ -52,6 +52,15 @@ impl RunLog<'_> {
         tracing::info!(target: "troops::output", commit = %self.commit, run_id = self.run_id, "{line}");
         self.out.line(line);
     }
+
+    /// The run's last line when it failed: at error priority in the journal.
+    fn failure(&mut self, line: &str) {
+        if let Some(f) = &mut self.file {
+            let _ = writeln!(f, "{line}");
+        }
+        tracing::error!(target: "troops::output", commit = %self.commit, run_id = self.run_id, "{line}");
+        self.out.line(line);
+    }
 }
 
 /// Build `commit`'s tree into `work/<commit>` from scratch, and drop older checkouts.
@@ -70,11 +79,17 @@ fn materialise(repo: &Repo, commit: CommitId, work: &Path) -> Result<PathBuf, St
 }
 
 /// The ids of repo-local paths requirements.txt names, from the commit's tree.
-fn local_ids(repo: &Repo, commit: CommitId, requirements: &str) -> Result<Vec<(String, String)>, RepoError> {
+fn local_ids(
+    repo: &Repo,
+    commit: CommitId,
+    requirements: &str,
+) -> Result<Vec<(String, String)>, RepoError> {
     let mut ids = Vec::new();
     for path in venv::local_paths(requirements) {
         let id = match venv::in_repo(&path) {
-            Some(p) => repo.entry_id(commit, &p)?.unwrap_or_else(|| "missing".into()),
+            Some(p) => repo
+                .entry_id(commit, &p)?
+                .unwrap_or_else(|| "missing".into()),
             // Outside the repository: nothing to track it by but its name.
             None => "outside".into(),
         };
@@ -128,7 +143,6 @@ pub fn deploy(
         run_id: id,
         last: None,
     };
-    tracing::info!(commit = %commit, run_id = id, trigger, "deploying {}", commit.short());
     log.line(&format!(
         "troops: run {id}: deploying {} (was {})",
         commit.short(),
@@ -139,7 +153,12 @@ pub fn deploy(
     record.duration_ms = started.elapsed().as_millis() as u64;
     match result {
         Ok(()) => {
-            match repo.update_ref(DEPLOYED_REF, commit, previous, &format!("troops: deployed (run {id})")) {
+            match repo.update_ref(
+                DEPLOYED_REF,
+                commit,
+                previous,
+                &format!("troops: deployed (run {id})"),
+            ) {
                 Ok(()) => record.result = Outcome::Success,
                 Err(e) => {
                     record.result = Outcome::Failed;
@@ -158,10 +177,7 @@ pub fn deploy(
             commit.short(),
             record.duration_ms as f64 / 1000.0
         )),
-        (_, Some(e)) => {
-            tracing::error!(commit = %commit, run_id = id, "run {id} failed: {e}");
-            log.line(&format!("troops: run {id}: FAILED: {e}"));
-        }
+        (_, Some(e)) => log.failure(&format!("troops: run {id}: FAILED: {e}")),
         _ => {}
     }
     if let Some(f) = &log.file {
@@ -188,7 +204,9 @@ fn run_steps(
         .map_err(|e| e.to_string())?
         .is_none()
     {
-        return Err(format!("commit {short} has no deploy.py at the top of its tree"));
+        return Err(format!(
+            "commit {short} has no deploy.py at the top of its tree"
+        ));
     }
     let checkout = materialise(repo, commit, &layout.work())?;
 
@@ -196,7 +214,9 @@ fn run_steps(
         .read_file(commit, "requirements.txt")
         .map_err(|e| e.to_string())?;
     let local = match &requirements {
-        Some(r) => local_ids(repo, commit, &String::from_utf8_lossy(r)).map_err(|e| e.to_string())?,
+        Some(r) => {
+            local_ids(repo, commit, &String::from_utf8_lossy(r)).map_err(|e| e.to_string())?
+        }
         None => Vec::new(),
     };
     let module_dir = module::locate(&layout.python_module_copy()).map_err(|e| e.to_string())?;
@@ -209,7 +229,11 @@ fn run_steps(
     };
     let (venv_dir, built) = venv::ensure(&layout.venvs(), &spec, &checkout, &mut |l| log.line(l))
         .map_err(|e| with_last(format!("commit {short}: {e}"), log))?;
-    let venv_key = venv_dir.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    let venv_key = venv_dir
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
     if !built {
         log.line(&format!("troops: reusing virtualenv {venv_key}"));
     }
@@ -225,8 +249,15 @@ fn run_steps(
     };
     let scratch = layout.runs().join(record.id.to_string());
     log.last = None;
-    let outcome = python::run_deploy_py(&venv_dir, &checkout, &context, &scratch, &mut |l| log.line(l))
-        .map_err(|e| format!("failed to run deploy.py with {}: {e}", venv_dir.join("bin/python").display()))?;
+    let outcome = python::run_deploy_py(&venv_dir, &checkout, &context, &scratch, &mut |l| {
+        log.line(l)
+    })
+    .map_err(|e| {
+        format!(
+            "failed to run deploy.py with {}: {e}",
+            venv_dir.join("bin/python").display()
+        )
+    })?;
     record.exit_code = outcome.exit_code;
     if let Some(r) = &outcome.results {
         record.roles = r.roles.clone();
@@ -236,7 +267,10 @@ fn run_steps(
                 "troops: deployable {}: {}{}",
                 d.name,
                 d.status,
-                d.detail.as_deref().map(|x| format!(" ({x})")).unwrap_or_default()
+                d.detail
+                    .as_deref()
+                    .map(|x| format!(" ({x})"))
+                    .unwrap_or_default()
             ));
         }
     }
@@ -252,8 +286,16 @@ fn run_steps(
         .map(|d| d.name.as_str())
         .collect();
     let message = match (outcome.exit_code, failed.as_slice()) {
-        (_, [_, ..]) if outcome.results.as_ref().is_some_and(|r| r.top_level == "ok") => {
-            format!("commit {short}: deploy.py deployable {} failed", failed.join(", "))
+        (_, [_, ..])
+            if outcome
+                .results
+                .as_ref()
+                .is_some_and(|r| r.top_level == "ok") =>
+        {
+            format!(
+                "commit {short}: deploy.py deployable {} failed",
+                failed.join(", ")
+            )
         }
         (Some(code), _) => format!("commit {short}: deploy.py exited with status {code}"),
         (None, _) => format!("commit {short}: deploy.py was killed by a signal"),

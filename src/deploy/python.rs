@@ -61,7 +61,10 @@ pub fn run_deploy_py(
     let context_path = scratch.with_extension("context.json");
     let results_path: PathBuf = scratch.with_extension("results.json");
     let _ = fs::remove_file(&results_path);
-    fs::write(&context_path, serde_json::to_vec(context).expect("context serialises"))?;
+    fs::write(
+        &context_path,
+        serde_json::to_vec(context).expect("context serialises"),
+    )?;
     let inv = Invocation {
         program: venv.join("bin/python"),
         args: vec!["-u".into(), "deploy.py".into()],

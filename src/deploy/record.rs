@@ -20,6 +20,17 @@ pub enum Outcome {
     Interrupted,
 }
 
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Outcome::Running => "running",
+            Outcome::Success => "success",
+            Outcome::Failed => "failed",
+            Outcome::Interrupted => "interrupted",
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeployableResult {
     pub name: String,
@@ -72,13 +83,7 @@ impl RunStore {
             .into_iter()
             .flatten()
             .flatten()
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()?
-                    .strip_suffix(".json")?
-                    .parse()
-                    .ok()
-            })
+            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".json")?.parse().ok())
             .collect();
         ids.sort_unstable();
         ids
@@ -107,11 +112,18 @@ impl RunStore {
 
     /// Newest first.
     pub fn list(&self) -> Vec<RunRecord> {
-        self.ids().into_iter().rev().filter_map(|id| self.load(id).ok()).collect()
+        self.ids()
+            .into_iter()
+            .rev()
+            .filter_map(|id| self.load(id).ok())
+            .collect()
     }
 
     pub fn latest(&self) -> Option<RunRecord> {
-        self.ids().into_iter().rev().find_map(|id| self.load(id).ok())
+        self.ids()
+            .into_iter()
+            .rev()
+            .find_map(|id| self.load(id).ok())
     }
 
     /// Records still marked running belong to runs that died, since the caller holds the

@@ -10,7 +10,14 @@ use std::process::{Command, ExitStatus, Stdio};
 pub const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Variables a deploy may need from the agent's environment; everything else is dropped.
-const PASS_THROUGH: &[&str] = &["http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"];
+const PASS_THROUGH: &[&str] = &[
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+];
 
 pub struct Invocation {
     pub program: PathBuf,
@@ -50,7 +57,10 @@ pub fn run(inv: &Invocation, on_line: &mut dyn FnMut(&str)) -> io::Result<ExitSt
     }
     match &inv.venv {
         Some(venv) => {
-            cmd.env("PATH", format!("{}:{SYSTEM_PATH}", venv.join("bin").display()));
+            cmd.env(
+                "PATH",
+                format!("{}:{SYSTEM_PATH}", venv.join("bin").display()),
+            );
             cmd.env("VIRTUAL_ENV", venv);
         }
         None => {

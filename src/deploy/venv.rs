@@ -31,7 +31,10 @@ pub enum VenvError {
     #[error("failed to create the virtualenv {path}: {message}")]
     Create { path: PathBuf, message: String },
     #[error("requirements.txt failed to install with {installer} (exit {code}); see the run log")]
-    Install { installer: &'static str, code: String },
+    Install {
+        installer: &'static str,
+        code: String,
+    },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }
@@ -99,24 +102,25 @@ pub fn local_paths(requirements: &str) -> Vec<String> {
         if line.starts_with('#') || line.is_empty() {
             continue;
         }
-        let mut words = line.split_whitespace().peekable();
+        let mut words = line.split_whitespace();
         while let Some(w) = words.next() {
-            let value = match w {
-                "-e" | "--editable" | "-r" | "--requirement" | "-c" | "--constraint" => {
-                    words.next()
-                }
-                _ => Some(w),
+            // `-r FILE`, `--requirement=FILE`, `-c FILE`: always a path, even without `./`.
+            let (names_file, value) = match w {
+                "-r" | "--requirement" | "-c" | "--constraint" => (true, words.next()),
+                "-e" | "--editable" => (false, words.next()),
+                _ => match w.split_once('=') {
+                    Some(("--requirement" | "--constraint", v)) => (true, Some(v)),
+                    Some(("--editable", v)) => (false, Some(v)),
+                    _ => (false, Some(w)),
+                },
             };
             let Some(v) = value else { continue };
-            let v = v
-                .strip_prefix("--requirement=")
-                .or_else(|| v.strip_prefix("--constraint="))
-                .or_else(|| v.strip_prefix("--editable="))
-                .unwrap_or(v);
             let v = v.strip_prefix("file:").unwrap_or(v);
-            if v.starts_with("./") || v.starts_with("../") || v == "." {
-                paths.push(v.to_owned());
-            } else if matches!(w, "-r" | "--requirement" | "-c" | "--constraint") && !v.contains("://") {
+            if v.starts_with("./")
+                || v.starts_with("../")
+                || v == "."
+                || (names_file && !v.contains("://"))
+            {
                 paths.push(v.to_owned());
             }
         }
@@ -167,15 +171,24 @@ pub fn ensure(
     };
     if dir.join(READY).exists() {
         // Touch the marker: pruning keeps the recently used.
-        let _ = fs::File::options().append(true).open(dir.join(READY)).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+        let _ = fs::File::options()
+            .append(true)
+            .open(dir.join(READY))
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()));
         return Ok((dir, false));
     }
     fsutil::create_dirs(venvs, 0o755).map_err(io_err(venvs))?;
     if dir.exists() {
-        on_line(&format!("troops: removing the unfinished virtualenv {}", dir.display()));
+        on_line(&format!(
+            "troops: removing the unfinished virtualenv {}",
+            dir.display()
+        ));
         fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
     }
-    on_line(&format!("troops: building virtualenv {key} with {}", spec.python.display()));
+    on_line(&format!(
+        "troops: building virtualenv {key} with {}",
+        spec.python.display()
+    ));
     // Always with pip: deploy.py may `import pip` (the seed's pattern), and ensurepip needs no
     // network.
     let made = Command::new(&spec.python)
@@ -229,12 +242,21 @@ pub fn ensure(
                 _ => (
                     "pip",
                     python.clone(),
-                    ["-m", "pip", "install", "--disable-pip-version-check", "-r", "requirements.txt"]
-                        .map(String::from)
-                        .to_vec(),
+                    [
+                        "-m",
+                        "pip",
+                        "install",
+                        "--disable-pip-version-check",
+                        "-r",
+                        "requirements.txt",
+                    ]
+                    .map(String::from)
+                    .to_vec(),
                 ),
             };
-        on_line(&format!("troops: installing requirements.txt with {installer}"));
+        on_line(&format!(
+            "troops: installing requirements.txt with {installer}"
+        ));
         let inv = Invocation {
             program,
             args,
@@ -250,7 +272,9 @@ pub fn ensure(
             let _ = fs::remove_dir_all(&dir);
             return Err(VenvError::Install {
                 installer,
-                code: status.code().map_or("by a signal".into(), |c| c.to_string()),
+                code: status
+                    .code()
+                    .map_or("by a signal".into(), |c| c.to_string()),
             });
         }
     }
@@ -265,7 +289,10 @@ fn site_packages(venv: &Path) -> io::Result<PathBuf> {
             return Ok(p);
         }
     }
-    Err(io::Error::new(io::ErrorKind::NotFound, "no lib/python*/site-packages"))
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        "no lib/python*/site-packages",
+    ))
 }
 
 /// Keep the `keep` most recently used venvs (and any being built).
@@ -284,6 +311,49 @@ pub fn prune(venvs: &Path, keep: usize) {
     for (_, path) in &ready[..excess] {
         let _ = fs::remove_dir_all(path);
     }
+}
+
+/// A content id for a path on disk (a working copy's local package), standing in for the tree
+/// id a commit would give: every file's relative path and bytes, in order.
+pub fn disk_id(path: &Path) -> io::Result<String> {
+    fn walk(base: &Path, dir: &Path, h: &mut Sha256) -> io::Result<()> {
+        let meta = fs::symlink_metadata(dir)?;
+        if meta.is_file() {
+            h.update(fs::read(dir)?);
+            return Ok(());
+        }
+        let mut entries: Vec<PathBuf> = fs::read_dir(dir)?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<_, _>>()?;
+        entries.sort();
+        for p in entries {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            if matches!(name.as_ref(), ".git" | "__pycache__" | "build")
+                || name.ends_with(".egg-info")
+            {
+                continue;
+            }
+            h.update(
+                p.strip_prefix(base)
+                    .unwrap_or(&p)
+                    .as_os_str()
+                    .as_encoded_bytes(),
+            );
+            h.update([0]);
+            if p.is_dir() {
+                walk(base, &p, h)?;
+            } else {
+                h.update(fs::read(&p)?);
+            }
+        }
+        Ok(())
+    }
+    let mut h = Sha256::new();
+    walk(path, path, &mut h)?;
+    Ok(h.finalize()[..12]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 #[cfg(test)]
@@ -322,35 +392,4 @@ https://example.com/x.whl
         assert_eq!(in_repo("../outside"), None);
         assert_eq!(in_repo(".").as_deref(), Some(""));
     }
-}
-
-/// A content id for a path on disk (a working copy's local package), standing in for the tree
-/// id a commit would give: every file's relative path and bytes, in order.
-pub fn disk_id(path: &Path) -> io::Result<String> {
-    fn walk(base: &Path, dir: &Path, h: &mut Sha256) -> io::Result<()> {
-        let meta = fs::symlink_metadata(dir)?;
-        if meta.is_file() {
-            h.update(fs::read(dir)?);
-            return Ok(());
-        }
-        let mut entries: Vec<PathBuf> = fs::read_dir(dir)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
-        entries.sort();
-        for p in entries {
-            let name = p.file_name().unwrap_or_default().to_string_lossy();
-            if matches!(name.as_ref(), ".git" | "__pycache__" | "build") || name.ends_with(".egg-info") {
-                continue;
-            }
-            h.update(p.strip_prefix(base).unwrap_or(&p).as_os_str().as_encoded_bytes());
-            h.update([0]);
-            if p.is_dir() {
-                walk(base, &p, h)?;
-            } else {
-                h.update(fs::read(&p)?);
-            }
-        }
-        Ok(())
-    }
-    let mut h = Sha256::new();
-    walk(path, path, &mut h)?;
-    Ok(h.finalize()[..12].iter().map(|b| format!("{b:02x}")).collect())
 }

@@ -1,0 +1,30 @@
+# Sourced by dev/demo and dev/test: installs what they need on a fresh Debian 12 machine
+# with a Rust toolchain. Safe to run again; installs only what is missing.
+
+set -euo pipefail
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# apt packages the agent and its tests use at run time: git (gix runs git-upload-pack for
+# file:// remotes), python3-venv (venvs with pip), procps (tests look for leftover processes).
+need_apt() {
+    local missing=()
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "dev: installing ${missing[*]}" >&2
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+
+need_apt git python3 python3-venv openssh-client procps ca-certificates
+
+if ! command -v cargo >/dev/null; then
+    # shellcheck disable=SC1091
+    [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+fi
+command -v cargo >/dev/null || { echo "dev: cargo not found: install a Rust toolchain with rustup first" >&2; exit 1; }
