@@ -199,6 +199,8 @@ pub fn pull(node: &Node, exe: &Path, out: &mut dyn Output) -> Result<PullOutcome
         );
         tracing::warn!("{msg}");
     }
+    // Staged rollout and signature checks will narrow `decision.target` here to the newest
+    // commit on the way that they allow.
     if let Some(t) = decision.target {
         repo.update_ref(&branch_ref, t, local, "troops: fast-forward from remotes")?;
         tracing::info!(commit = %t, "{} moved {} -> {}", settings.branch, local.map_or("nothing".into(), |l| l.short()), t.short());

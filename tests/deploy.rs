@@ -304,3 +304,65 @@ fn run_records_are_kept_to_the_limit() {
         "newest first: {listing}"
     );
 }
+
+/// uv, as dev/test installs it (target/tools), else from PATH.
+fn uv_dir() -> PathBuf {
+    let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/bin");
+    if tools.join("uv").is_file() {
+        return tools;
+    }
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .find(|d| d.join("uv").is_file())
+        .expect("uv is needed for this test: ./dev/test installs it into target/tools")
+}
+
+#[test]
+fn uv_installs_when_it_is_on_path_unless_settings_say_pip() {
+    let t = one_remote(&[]);
+    let counter = t.world.path("builds");
+    local_package(&t.up, &counter, "via-uv");
+    t.up.write("requirements.txt", "--no-index\n./pkg\n");
+    t.up.write(
+        "deploy.py",
+        "import pathlib, pkg, troops\npathlib.Path(troops.root, 'value').write_text(pkg.VALUE)\n",
+    );
+    t.ship("uv");
+    let path = format!(
+        "{}:{}",
+        uv_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out: Run = t
+        .node
+        .command(&["pull"])
+        .env("PATH", &path)
+        .output()
+        .unwrap()
+        .into();
+    let out = out.ok();
+    assert!(
+        out.stdout.contains("installing requirements.txt with uv"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(t.node.read("value").as_deref(), Some("via-uv"));
+    assert_eq!(builds(&counter), 1);
+
+    t.node.set("installer", "\"pip\"");
+    local_package(&t.up, &counter, "via-pip");
+    t.ship("pip");
+    let out: Run = t
+        .node
+        .command(&["pull"])
+        .env("PATH", &path)
+        .output()
+        .unwrap()
+        .into();
+    let out = out.ok();
+    assert!(
+        out.stdout.contains("installing requirements.txt with pip"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(t.node.read("value").as_deref(), Some("via-pip"));
+}

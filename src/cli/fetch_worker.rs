@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::Result;
 use troops::fetch::wire;
 use troops::paths::Layout;
-use troops::repo::Repo;
+use troops::repo::{Repo, RepoError};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -16,7 +16,16 @@ pub struct Args {
 
 pub fn run(root: &Path, args: &Args) -> Result<u8> {
     let repo = Repo::open(&Layout::new(root).repo())?;
-    let tip = repo.fetch_branch(&args.remote, &args.branch)?;
-    println!("{}", wire::tip(tip));
-    Ok(0)
+    match repo.fetch_branch(&args.remote, &args.branch) {
+        Ok(tip) => {
+            println!("{}", wire::tip(tip));
+            Ok(0)
+        }
+        // The parent reports it beside the remote's name and URL: just what went wrong.
+        Err(RepoError::Fetch { message, .. }) => {
+            eprintln!("{message}");
+            Ok(1)
+        }
+        Err(e) => Err(e.into()),
+    }
 }

@@ -12,7 +12,10 @@ pub fn run(root: &Path, stdout_is_journal: bool) -> Result<u8> {
     let outcome = troops::pull::pull(&node, &exe, out.as_mut())?;
     let report = &outcome.report;
     if report.all_remotes_failed() {
-        eprintln!("troops: error: no remote could be fetched; see `troops status`");
+        eprintln!(
+            "troops: error: no remote offered branch {} (unreachable, or no such branch); see `troops status`",
+            report.branch
+        );
         return Ok(1);
     }
     if let Some(run) = &outcome.run {
