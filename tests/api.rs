@@ -168,18 +168,13 @@ fn the_api_as_deploy_py_sees_it() {
 
 #[test]
 fn a_failing_deployable_fails_the_run_and_stops_the_rest() {
-    let world = World::new();
-    let up = world.upstream("src");
-    let remote = world.bare("origin");
-    let node = world.node("n");
-    node.init(&[("origin", &remote)], &[]);
-    up.write(
+    let t = one_remote(&[]);
+    t.up.write(
         "deploy.py",
         "import troops\n@troops.deployable\ndef one():\n    print('one ran')\n@troops.deployable\ndef two():\n    raise RuntimeError('disk on fire')\n@troops.deployable\ndef three():\n    print('three ran')\n",
     );
-    up.commit("x");
-    up.push(&remote);
-    let out = node.troops(&["pull"]).failed();
+    t.ship("x");
+    let out = t.node.troops(&["pull"]).failed();
     assert!(
         out.stderr.contains("deployable two failed") && out.stderr.contains("disk on fire"),
         "{}",
@@ -191,26 +186,21 @@ fn a_failing_deployable_fails_the_run_and_stops_the_rest() {
         out.stdout
     );
     assert!(out.stdout.contains("Traceback"), "{}", out.stdout);
-    let run = &node.runs()[0];
+    let run = &t.node.runs()[0];
     assert_eq!(run["result"], "failed");
     let d = run["deployables"].as_array().unwrap();
     assert_eq!(d[0]["status"], "ran");
     assert_eq!(d[1]["status"], "failed");
     assert_eq!(d[2]["status"], "skipped");
-    assert_eq!(node.deployed(), None);
+    assert_eq!(t.node.deployed(), None);
 }
 
 #[test]
 fn an_exception_at_the_top_level_skips_every_deployable() {
-    let world = World::new();
-    let up = world.upstream("src");
-    let remote = world.bare("origin");
-    let node = world.node("n");
-    node.init(&[("origin", &remote)], &[]);
-    up.write("deploy.py", "import troops\n@troops.deployable\ndef never():\n    print('NEVER')\n\nx = {}\nx['missing']\n");
-    up.commit("x");
-    up.push(&remote);
-    let out = node.troops(&["pull"]).failed();
+    let t = one_remote(&[]);
+    t.up.write("deploy.py", "import troops\n@troops.deployable\ndef never():\n    print('NEVER')\n\nx = {}\nx['missing']\n");
+    t.ship("x");
+    let out = t.node.troops(&["pull"]).failed();
     assert!(!out.stdout.contains("NEVER"), "{}", out.stdout);
     assert!(
         out.stderr.contains("KeyError: 'missing'"),
@@ -219,34 +209,31 @@ fn an_exception_at_the_top_level_skips_every_deployable() {
     );
     // The traceback points at deploy.py's own line.
     assert!(
-        node.run_log(1).contains("deploy.py\", line 7"),
+        t.node.run_log(1).contains("deploy.py\", line 7"),
         "{}",
-        node.run_log(1)
+        t.node.run_log(1)
     );
-    assert_eq!(node.runs()[0]["deployables"][0]["status"], "skipped");
+    assert_eq!(t.node.runs()[0]["deployables"][0]["status"], "skipped");
 }
 
 #[test]
 fn by_hand_the_module_reads_the_node_and_runs_deployables_at_exit() {
-    let world = World::new();
-    let up = world.upstream("src");
-    let remote = world.bare("origin");
-    let node = world.node("n");
-    node.init(&[("origin", &remote)], &["web", "cache"]);
-    up.write(
+    let t = one_remote(&["web", "cache"]);
+    t.up.write(
         "deploy.py",
         "import sys, troops\nprint('roles', sorted(troops.roles), 'commit', troops.commit)\n@troops.deployable(roles=['web'])\ndef web():\n    print('web deployable ran')\n@troops.deployable(roles=['db'])\ndef db():\n    print('db ran')\n",
     );
-    let head = up.commit("x");
-    up.push(&remote);
-    node.troops(&["pull"]).ok();
-    let venv = node.runs()[0]["venv"].as_str().unwrap().to_owned();
-    let python = node.path(&format!("var/lib/troops/venvs/{venv}/bin/python"));
+    let head = t.ship("x");
+    t.node.troops(&["pull"]).ok();
+    let venv = t.node.runs()[0]["venv"].as_str().unwrap().to_owned();
+    let python = t
+        .node
+        .path(&format!("var/lib/troops/venvs/{venv}/bin/python"));
     let out = Command::new(python)
         .arg("deploy.py")
-        .current_dir(node.path(&format!("var/lib/troops/work/{head}")))
+        .current_dir(t.node.path(&format!("var/lib/troops/work/{head}")))
         .env_clear()
-        .env("TROOPS_ROOT", &node.root)
+        .env("TROOPS_ROOT", &t.node.root)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -135,14 +135,10 @@ fn an_uninitialised_node_says_so() {
 /// A node at a good commit, then a bad commit pushed: the pull fails with `expect` in one
 /// line, nothing moves but the branch, and the run log has the detail `detail`.
 fn bad_commit(files: &[(&str, &str)], expect: &str, detail: &str) {
-    let world = World::new();
-    let up = world.upstream("src");
-    let remote = world.bare("origin");
-    let node = world.node("n");
-    node.init(&[("origin", &remote)], &[]);
+    let one = one_remote(&[]);
+    let (up, node) = (&one.up, &one.node);
     up.write("deploy.py", &simple_deploy("good"));
-    let good = up.commit("good");
-    up.push(&remote);
+    let good = one.ship("good");
     node.troops(&["pull"]).ok();
 
     for (path, contents) in files {
@@ -152,8 +148,7 @@ fn bad_commit(files: &[(&str, &str)], expect: &str, detail: &str) {
             up.write(path, contents);
         }
     }
-    let bad = up.commit("bad");
-    up.push(&remote);
+    let bad = one.ship("bad");
     let out = node.troops(&["pull"]).failed();
     let line = error_line(&out);
     assert!(

@@ -1,38 +1,10 @@
 //! The deploy pipeline: checkouts, venvs, failures and retries, interruption.
 
 use std::path::{Path, PathBuf};
+
 use std::time::{Duration, Instant};
 
 use crate::util::*;
-
-struct One {
-    world: World,
-    up: Upstream,
-    remote: PathBuf,
-    node: Node,
-}
-
-fn one_remote(roles: &[&str]) -> One {
-    let world = World::new();
-    let up = world.upstream("src");
-    let remote = world.bare("origin");
-    let node = world.node("n1");
-    node.init(&[("origin", &remote)], roles);
-    One {
-        world,
-        up,
-        remote,
-        node,
-    }
-}
-
-impl One {
-    fn ship(&self, message: &str) -> String {
-        let c = self.up.commit(message);
-        self.up.push(&self.remote);
-        c
-    }
-}
 
 /// A local package built by an in-tree PEP 517 backend (no index needed) that counts its
 /// builds in `counter`, so a test can tell whether an installer ran.
@@ -295,12 +267,7 @@ fn run_records_are_kept_to_the_limit() {
     assert!(!t.node.path("var/lib/troops/runs/1.log").exists());
     let listing = t.node.troops(&["log"]).ok().stdout;
     assert!(
-        listing
-            .lines()
-            .next()
-            .unwrap()
-            .trim_start()
-            .starts_with('5'),
+        listing.lines().next().unwrap().starts_with("run 5 "),
         "newest first: {listing}"
     );
 }
@@ -332,14 +299,7 @@ fn uv_installs_when_it_is_on_path_unless_settings_say_pip() {
         uv_dir().display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let out: Run = t
-        .node
-        .command(&["pull"])
-        .env("PATH", &path)
-        .output()
-        .unwrap()
-        .into();
-    let out = out.ok();
+    let out = t.node.troops_with_path(&["pull"], &path).ok();
     assert!(
         out.stdout.contains("installing requirements.txt with uv"),
         "{}",
@@ -351,14 +311,7 @@ fn uv_installs_when_it_is_on_path_unless_settings_say_pip() {
     t.node.set("installer", "\"pip\"");
     local_package(&t.up, &counter, "via-pip");
     t.ship("pip");
-    let out: Run = t
-        .node
-        .command(&["pull"])
-        .env("PATH", &path)
-        .output()
-        .unwrap()
-        .into();
-    let out = out.ok();
+    let out = t.node.troops_with_path(&["pull"], &path).ok();
     assert!(
         out.stdout.contains("installing requirements.txt with pip"),
         "{}",

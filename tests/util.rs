@@ -199,6 +199,15 @@ impl Node {
         self.command(args).output().expect("troops runs").into()
     }
 
+    /// `troops` with PATH set to `path`.
+    pub fn troops_with_path(&self, args: &[&str], path: &str) -> Run {
+        self.command(args)
+            .env("PATH", path)
+            .output()
+            .expect("troops runs")
+            .into()
+    }
+
     /// `troops init` with `remotes` as (name, bare path) and the given roles.
     pub fn init(&self, remotes: &[(&str, &Path)], roles: &[&str]) -> Run {
         let mut args: Vec<String> = vec!["init".into()];
@@ -316,4 +325,35 @@ p.mkdir(exist_ok=True)
 (p / "tag").write_text("{tag}")
 "#
     )
+}
+
+/// One upstream, one remote, one initialised node: the usual test.
+pub struct One {
+    pub world: World,
+    pub up: Upstream,
+    pub remote: PathBuf,
+    pub node: Node,
+}
+
+pub fn one_remote(roles: &[&str]) -> One {
+    let world = World::new();
+    let up = world.upstream("src");
+    let remote = world.bare("origin");
+    let node = world.node("n1");
+    node.init(&[("origin", &remote)], roles);
+    One {
+        world,
+        up,
+        remote,
+        node,
+    }
+}
+
+impl One {
+    /// Commit everything and push it to the remote.
+    pub fn ship(&self, message: &str) -> String {
+        let c = self.up.commit(message);
+        self.up.push(&self.remote);
+        c
+    }
 }

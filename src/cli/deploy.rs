@@ -1,7 +1,6 @@
 use std::path::Path;
 
 use anyhow::Result;
-use troops::deploy::record::Outcome;
 use troops::node::Node;
 
 pub fn run(root: &Path, stdout_is_journal: bool) -> Result<u8> {
@@ -9,13 +8,5 @@ pub fn run(root: &Path, stdout_is_journal: bool) -> Result<u8> {
     let _lock = super::lock_node(&node.layout)?;
     let mut out = super::terminal(stdout_is_journal);
     let run = troops::pull::deploy_head(&node, "deploy", out.as_mut())?;
-    if run.result != Outcome::Success {
-        eprintln!(
-            "troops: error: run {}: {}",
-            run.id,
-            run.error.as_deref().unwrap_or("deploy failed")
-        );
-        return Ok(1);
-    }
-    Ok(0)
+    Ok(super::run_exit(&run))
 }

@@ -34,19 +34,7 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
         return Ok(0);
     }
     for r in runs {
-        println!(
-            "{:>5}  {}  {:<11}  {}  {:<8} {:>7.1}s{}",
-            r.id,
-            r.started,
-            r.result.to_string(),
-            r.commit.short(),
-            r.trigger,
-            r.duration_ms as f64 / 1000.0,
-            r.error
-                .as_deref()
-                .map(|e| format!("  {e}"))
-                .unwrap_or_default()
-        );
+        println!("{}", super::run_summary(&r));
     }
     Ok(0)
 }

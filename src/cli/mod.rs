@@ -76,3 +76,33 @@ pub fn lock_node(layout: &troops::paths::Layout) -> anyhow::Result<troops::lock:
     })
     .with_context(|| format!("failed to lock {}", path.display()))
 }
+
+/// One line about a run, as `status` and `log` show it.
+pub fn run_summary(r: &troops::deploy::record::RunRecord) -> String {
+    format!(
+        "run {} {} {} at {} ({}, {:.1}s){}",
+        r.id,
+        r.result,
+        r.commit.short(),
+        r.started,
+        r.trigger,
+        r.duration_ms as f64 / 1000.0,
+        r.error
+            .as_deref()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default()
+    )
+}
+
+/// The exit status for a finished run, saying why on stderr when it failed.
+pub fn run_exit(run: &troops::deploy::record::RunRecord) -> u8 {
+    if run.result == troops::deploy::record::Outcome::Success {
+        return 0;
+    }
+    eprintln!(
+        "troops: error: run {}: {}",
+        run.id,
+        run.error.as_deref().unwrap_or("deploy failed")
+    );
+    1
+}

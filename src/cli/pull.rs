@@ -1,7 +1,6 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use troops::deploy::record::Outcome;
 use troops::node::Node;
 
 pub fn run(root: &Path, stdout_is_journal: bool) -> Result<u8> {
@@ -19,12 +18,7 @@ pub fn run(root: &Path, stdout_is_journal: bool) -> Result<u8> {
         return Ok(1);
     }
     if let Some(run) = &outcome.run {
-        if run.result != Outcome::Success {
-            eprintln!(
-                "troops: error: run {}: {}",
-                run.id,
-                run.error.as_deref().unwrap_or("deploy failed")
-            );
+        if super::run_exit(run) != 0 {
             return Ok(1);
         }
     } else if outcome.report.waiting.is_none() && report.disagree.is_empty() {

@@ -53,19 +53,7 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
     );
     println!("roles     {}", node.settings.roles.join(" "));
     if let Some(r) = &last {
-        println!(
-            "last run  {} {} {} at {} ({}, {:.1}s){}",
-            r.id,
-            r.result,
-            r.commit.short(),
-            r.started,
-            r.trigger,
-            r.duration_ms as f64 / 1000.0,
-            r.error
-                .as_deref()
-                .map(|e| format!(": {e}"))
-                .unwrap_or_default()
-        );
+        println!("last      {}", super::run_summary(r));
     }
     match &pull {
         None => println!("last pull (never)"),
