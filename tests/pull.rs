@@ -214,7 +214,7 @@ fn a_missing_and_a_hanging_remote_do_not_stop_the_others() {
         &f.node.repo(),
         &["config", "core.sshCommand", &fake_ssh.display().to_string()],
     );
-    f.node.set("fetch_timeout", "3");
+    f.node.set("fetch_timeout", "5");
 
     f.up.write("deploy.py", &simple_deploy("two"));
     let two = f.up.commit("two");
@@ -234,7 +234,7 @@ fn a_missing_and_a_hanging_remote_do_not_stop_the_others() {
     assert_eq!(f.node.remote_report("d")["fetch"], "failed");
     assert_eq!(f.node.remote_report("e")["fetch"], "timed-out");
     assert!(
-        out.stderr.contains("remote e") && out.stderr.contains("no answer within 3s"),
+        out.stderr.contains("remote e") && out.stderr.contains("no answer within 5s"),
         "{}",
         out.stderr
     );
