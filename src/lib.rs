@@ -12,5 +12,6 @@ pub mod output;
 pub mod paths;
 pub mod pull;
 pub mod repo;
+pub mod seed;
 pub mod settings;
 pub mod target;

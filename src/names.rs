@@ -23,6 +23,8 @@ pub enum NameError {
     },
     #[error("invalid remote {0:?}: expected NAME=URL")]
     RemoteSpec(String),
+    #[error("invalid user name {0:?}")]
+    User(String),
 }
 
 fn is_simple_name(s: &str) -> bool {
@@ -44,6 +46,15 @@ pub fn check_role(role: &str) -> Result<(), NameError> {
     is_simple_name(role)
         .then_some(())
         .ok_or_else(|| NameError::Role(role.to_owned()))
+}
+
+/// A POSIX user or group name as Debian's adduser accepts it.
+pub fn check_user(name: &str) -> Result<(), NameError> {
+    let mut chars = name.chars();
+    let ok = matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && name.len() <= 32
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'));
+    ok.then_some(()).ok_or_else(|| NameError::User(name.to_owned()))
 }
 
 /// Git's own rules for a branch name (check-ref-format), minus the ones that only make sense

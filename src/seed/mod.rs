@@ -1,0 +1,318 @@
+//! First-boot seeds: where a node learns its remotes and roles, once. Sources are tried in
+//! one fixed order (DESIGN.md, "Seed sources"); the first that holds a `troops` section wins,
+//! and flags on the command line override it.
+//!
+//! To add a source: a variant in `SourceKind`, its place in `SourceKind::ORDER`, and a
+//! `read` arm that returns `Ok(None)` when it has nothing (no file, a 404), never an error.
+
+pub mod imds;
+pub mod preseed;
+pub mod userdata;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::names;
+
+/// Whether commits must be signed (DESIGN.md, "Signatures").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Verify {
+    #[default]
+    None,
+    Tip,
+    All,
+}
+
+/// The `troops` section of a seed, parsed strictly: an unknown key is an error.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Seed {
+    #[serde(default)]
+    pub remotes: BTreeMap<String, String>,
+    pub branch: Option<String>,
+    pub roles: Option<Vec<String>>,
+    pub admins: Option<Vec<String>>,
+    pub known_hosts: Option<Vec<String>>,
+    pub allowed_signers: Option<Vec<String>>,
+    pub verify: Option<Verify>,
+}
+
+#[derive(Debug, Error)]
+pub enum SeedError {
+    #[error("{origin}: {message}")]
+    Malformed { origin: String, message: String },
+    #[error("{origin}: troops.{key}: {message}")]
+    Invalid {
+        origin: String,
+        key: String,
+        message: String,
+    },
+    #[error("{origin}: failed to read: {message}")]
+    Read { origin: String, message: String },
+    #[error(transparent)]
+    Imds(#[from] imds::ImdsError),
+    #[error("no seed found; looked at: {}", .0.join("; "))]
+    NotFound(Vec<String>),
+}
+
+impl Seed {
+    /// Check every value, naming the key and where it came from.
+    pub fn validate(&self, origin: &str) -> Result<(), SeedError> {
+        let invalid = |key: &str, message: String| SeedError::Invalid {
+            origin: origin.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        for (name, url) in &self.remotes {
+            names::check_remote_name(name).map_err(|e| invalid("remotes", e.to_string()))?;
+            names::check_url(name, url).map_err(|e| invalid("remotes", e.to_string()))?;
+        }
+        if let Some(b) = &self.branch {
+            names::check_branch(b).map_err(|e| invalid("branch", e.to_string()))?;
+        }
+        for r in self.roles.iter().flatten() {
+            names::check_role(r).map_err(|e| invalid("roles", e.to_string()))?;
+        }
+        for a in self.admins.iter().flatten() {
+            names::check_user(a).map_err(|e| invalid("admins", e.to_string()))?;
+        }
+        for (key, lines) in [("known_hosts", &self.known_hosts), ("allowed_signers", &self.allowed_signers)] {
+            for l in lines.iter().flatten() {
+                if l.trim().is_empty() || l.contains('\n') || l.split_whitespace().count() < 3 {
+                    return Err(invalid(key, format!("{l:?} is not a line of the form `HOSTS|PRINCIPALS KEYTYPE BASE64KEY`")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `over` wins wherever it says something: flags over a seed.
+    pub fn merged(self, over: Seed) -> Seed {
+        let mut remotes = self.remotes;
+        remotes.extend(over.remotes);
+        Seed {
+            remotes,
+            branch: over.branch.or(self.branch),
+            roles: over.roles.or(self.roles),
+            admins: over.admins.or(self.admins),
+            known_hosts: over.known_hosts.or(self.known_hosts),
+            allowed_signers: over.allowed_signers.or(self.allowed_signers),
+            verify: over.verify.or(self.verify),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Seed::default()
+    }
+}
+
+/// Where a seed can come from, in the order they are tried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceKind {
+    /// `--seed FILE`: any user-data format.
+    File(PathBuf),
+    /// `--preseed FILE`: a d-i preseed file.
+    PreseedFile(PathBuf),
+    /// The debconf answers the package was installed with.
+    Debconf,
+    /// cloud-init's own copy of the user data.
+    CloudInit,
+    /// A NoCloud seed directory.
+    NoCloud,
+    /// EC2 instance metadata (IMDSv2), only where the machine is on EC2 or settings name an
+    /// endpoint, so that a machine off EC2 never waits on 169.254.169.254.
+    Imds { endpoint: String, deadline: Duration },
+}
+
+pub const EC2_IMDS: &str = "http://169.254.169.254";
+
+/// Where the sources look, relative to the node's root.
+const DEBCONF_DB: &str = "var/cache/debconf/config.dat";
+const CLOUD_INIT_COPY: &str = "var/lib/cloud/instance/user-data.txt";
+const NOCLOUD_DIRS: [&str; 2] = ["var/lib/cloud/seed/nocloud", "var/lib/cloud/seed/nocloud-net"];
+
+/// Whether DMI says this machine is an EC2 instance (Nitro or Xen).
+pub fn on_ec2(root: &Path) -> bool {
+    let read = |f: &str| std::fs::read_to_string(root.join("sys/class/dmi/id").join(f)).unwrap_or_default();
+    read("sys_vendor").trim() == "Amazon EC2"
+        || read("board_vendor").trim() == "Amazon EC2"
+        || read("product_uuid").to_ascii_lowercase().starts_with("ec2")
+        || read("bios_version").contains("amazon")
+}
+
+/// The sources to try, in order.
+pub fn sources(root: &Path, file: Option<&Path>, preseed: Option<&Path>, imds: Option<(String, Duration)>) -> Vec<SourceKind> {
+    let mut out = Vec::new();
+    if let Some(f) = file {
+        out.push(SourceKind::File(f.to_owned()));
+    }
+    if let Some(p) = preseed {
+        out.push(SourceKind::PreseedFile(p.to_owned()));
+    }
+    out.extend([SourceKind::Debconf, SourceKind::CloudInit, SourceKind::NoCloud]);
+    if let Some((endpoint, deadline)) = imds {
+        out.push(SourceKind::Imds { endpoint, deadline });
+    } else if on_ec2(root) {
+        out.push(SourceKind::Imds {
+            endpoint: EC2_IMDS.into(),
+            deadline: Duration::from_secs(120),
+        });
+    }
+    out
+}
+
+/// What one source said.
+#[derive(Debug)]
+pub enum Found {
+    Seed { seed: Seed, origin: String },
+    /// It had user data, but no troops section in it.
+    NoSection(String),
+    Nothing(String),
+}
+
+fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, SeedError> {
+    match std::fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(SeedError::Read {
+            origin: path.display().to_string(),
+            message: e.to_string(),
+        }),
+    }
+}
+
+fn from_userdata(bytes: &[u8], origin: String) -> Result<Found, SeedError> {
+    Ok(match userdata::parse(bytes, &origin)? {
+        Some(seed) => Found::Seed { seed, origin },
+        None => Found::NoSection(origin),
+    })
+}
+
+impl SourceKind {
+    pub fn read(&self, root: &Path) -> Result<Found, SeedError> {
+        match self {
+            SourceKind::File(path) => {
+                let origin = path.display().to_string();
+                let bytes = std::fs::read(path).map_err(|e| SeedError::Read {
+                    origin: origin.clone(),
+                    message: e.to_string(),
+                })?;
+                from_userdata(&bytes, origin)
+            }
+            SourceKind::PreseedFile(path) => {
+                let origin = path.display().to_string();
+                let text = std::fs::read_to_string(path).map_err(|e| SeedError::Read {
+                    origin: origin.clone(),
+                    message: e.to_string(),
+                })?;
+                Ok(match preseed::parse_preseed(&text, &origin)? {
+                    Some(seed) => Found::Seed { seed, origin },
+                    None => Found::NoSection(origin),
+                })
+            }
+            SourceKind::Debconf => {
+                let path = root.join(DEBCONF_DB);
+                let origin = format!("debconf answers ({})", path.display());
+                let Some(bytes) = read_optional(&path)? else {
+                    return Ok(Found::Nothing(origin));
+                };
+                Ok(match preseed::parse_debconf_db(&String::from_utf8_lossy(&bytes), &origin)? {
+                    Some(seed) => Found::Seed { seed, origin },
+                    None => Found::Nothing(origin),
+                })
+            }
+            SourceKind::CloudInit => {
+                let path = root.join(CLOUD_INIT_COPY);
+                match read_optional(&path)? {
+                    Some(b) => from_userdata(&b, path.display().to_string()),
+                    None => Ok(Found::Nothing(path.display().to_string())),
+                }
+            }
+            SourceKind::NoCloud => {
+                for dir in NOCLOUD_DIRS {
+                    let path = root.join(dir).join("user-data");
+                    if let Some(b) = read_optional(&path)? {
+                        return from_userdata(&b, path.display().to_string());
+                    }
+                }
+                Ok(Found::Nothing(format!("NoCloud seed ({})", root.join(NOCLOUD_DIRS[0]).display())))
+            }
+            SourceKind::Imds { endpoint, deadline } => {
+                let origin = format!("EC2 user data ({endpoint})");
+                let client = imds::Imds::new(endpoint, *deadline);
+                match client.user_data()? {
+                    Some(b) => from_userdata(&b, origin),
+                    None => Ok(Found::Nothing(origin)),
+                }
+            }
+        }
+    }
+}
+
+/// Try `sources` in order; the first with a troops section wins.
+pub fn discover(root: &Path, sources: &[SourceKind]) -> Result<(Seed, String), SeedError> {
+    let mut looked = Vec::new();
+    for source in sources {
+        match source.read(root)? {
+            Found::Seed { seed, origin } => {
+                seed.validate(&origin)?;
+                return Ok((seed, origin));
+            }
+            Found::NoSection(origin) => looked.push(format!("{origin} (user data without a troops section)")),
+            Found::Nothing(origin) => looked.push(format!("{origin} (none)")),
+        }
+    }
+    if !sources.iter().any(|s| matches!(s, SourceKind::Imds { .. })) {
+        looked.push("EC2 IMDS (not asked: DMI does not say EC2 and no imds setting)".into());
+    }
+    Err(SeedError::NotFound(looked))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_seed() {
+        let seed = Seed {
+            remotes: [("origin".to_string(), "git@a:x".to_string())].into(),
+            branch: Some("main".into()),
+            roles: Some(vec!["web".into()]),
+            ..Seed::default()
+        };
+        let flags = Seed {
+            remotes: [("mirror".to_string(), "git@b:x".to_string())].into(),
+            roles: Some(vec!["db".into()]),
+            ..Seed::default()
+        };
+        let m = seed.merged(flags);
+        assert_eq!(m.remotes.len(), 2);
+        assert_eq!(m.branch.as_deref(), Some("main"));
+        assert_eq!(m.roles, Some(vec!["db".to_string()]));
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let s = Seed {
+            roles: Some(vec!["bad role".into()]),
+            ..Seed::default()
+        };
+        let e = s.validate("user-data").unwrap_err().to_string();
+        assert!(e.starts_with("user-data: troops.roles:"), "{e}");
+        let s = Seed {
+            remotes: [("o".to_string(), "ext::sh".to_string())].into(),
+            ..Seed::default()
+        };
+        assert!(s.validate("x").unwrap_err().to_string().contains("troops.remotes"));
+        let s = Seed {
+            known_hosts: Some(vec!["justonefield".into()]),
+            ..Seed::default()
+        };
+        assert!(s.validate("x").unwrap_err().to_string().contains("troops.known_hosts"));
+    }
+}

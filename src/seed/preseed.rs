@@ -1,0 +1,184 @@
+//! Debian preseeding: a d-i preseed file (`troops troops/remotes string origin=URL`), or the
+//! debconf database the package's answers ended up in. Both become the same answers, and
+//! the answers become a `Seed`.
+
+use super::{Seed, SeedError, Verify};
+
+/// Questions the package asks (packaging/debian/templates), each a debconf string.
+const QUESTIONS: [&str; 6] = [
+    "troops/remotes",
+    "troops/roles",
+    "troops/branch",
+    "troops/admins",
+    "troops/verify",
+    "troops/known_hosts",
+];
+
+fn list(value: &str) -> Vec<String> {
+    value
+        .split([' ', ',', '\t'])
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// Turn `(question, value)` answers into a seed. Empty answers say nothing.
+pub fn from_answers(answers: &[(String, String)], origin: &str) -> Result<Option<Seed>, SeedError> {
+    let mut seed = Seed::default();
+    let mut any = false;
+    for (q, v) in answers {
+        let v = v.trim();
+        if !QUESTIONS.contains(&q.as_str()) {
+            return Err(SeedError::Invalid {
+                origin: origin.to_owned(),
+                key: q.trim_start_matches("troops/").to_owned(),
+                message: format!("unknown question {q}; known: {}", QUESTIONS.join(", ")),
+            });
+        }
+        if v.is_empty() {
+            continue;
+        }
+        any = true;
+        match q.as_str() {
+            "troops/remotes" => {
+                for spec in list(v) {
+                    let (name, url) = spec.split_once('=').ok_or_else(|| SeedError::Invalid {
+                        origin: origin.to_owned(),
+                        key: "remotes".into(),
+                        message: format!("{spec:?}: expected NAME=URL"),
+                    })?;
+                    seed.remotes.insert(name.to_owned(), url.to_owned());
+                }
+            }
+            "troops/roles" => seed.roles = Some(list(v)),
+            "troops/admins" => seed.admins = Some(list(v)),
+            "troops/branch" => seed.branch = Some(v.to_owned()),
+            // Host keys have spaces inside; one per `;`.
+            "troops/known_hosts" => {
+                seed.known_hosts = Some(v.split(';').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
+            }
+            "troops/verify" => {
+                seed.verify = Some(match v {
+                    "none" => Verify::None,
+                    "tip" => Verify::Tip,
+                    "all" => Verify::All,
+                    other => {
+                        return Err(SeedError::Invalid {
+                            origin: origin.to_owned(),
+                            key: "verify".into(),
+                            message: format!("{other:?}: expected none, tip or all"),
+                        });
+                    }
+                })
+            }
+            _ => unreachable!("checked against QUESTIONS"),
+        }
+    }
+    if !any {
+        return Ok(None);
+    }
+    seed.validate(origin)?;
+    Ok(Some(seed))
+}
+
+/// A d-i preseed file: `owner question type value` lines, `#` comments, `\` continuations.
+/// Only lines owned by `troops` are ours.
+pub fn parse_preseed(text: &str, origin: &str) -> Result<Option<Seed>, SeedError> {
+    let mut answers = Vec::new();
+    let mut joined = String::new();
+    for (n, raw) in text.lines().enumerate() {
+        if let Some(stripped) = raw.strip_suffix('\\') {
+            joined.push_str(stripped);
+            continue;
+        }
+        joined.push_str(raw);
+        let line = std::mem::take(&mut joined);
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut fields = line.splitn(4, char::is_whitespace).filter(|f| !f.is_empty());
+        let (Some(owner), Some(question)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        if owner != "troops" {
+            continue;
+        }
+        let rest: Vec<&str> = line.splitn(3, char::is_whitespace).collect();
+        let typed = rest.get(2).map(|r| r.trim_start()).unwrap_or("");
+        let (kind, value) = typed.split_once(char::is_whitespace).unwrap_or((typed, ""));
+        if !matches!(kind, "string" | "select" | "multiselect" | "boolean" | "note" | "text" | "password") {
+            return Err(SeedError::Malformed {
+                origin: origin.to_owned(),
+                message: format!("line {}: {question}: expected a debconf type (string, select...), found {kind:?}", n + 1),
+            });
+        }
+        answers.push((question.to_owned(), value.trim().to_owned()));
+    }
+    from_answers(&answers, origin)
+}
+
+/// debconf's own database, /var/cache/debconf/config.dat: RFC 822-style stanzas with
+/// `Name:` and `Value:`.
+pub fn parse_debconf_db(text: &str, origin: &str) -> Result<Option<Seed>, SeedError> {
+    let mut answers = Vec::new();
+    for stanza in text.split("\n\n") {
+        let mut name = None;
+        let mut value = String::new();
+        for line in stanza.lines() {
+            if let Some(n) = line.strip_prefix("Name: ") {
+                name = Some(n.trim().to_owned());
+            } else if let Some(v) = line.strip_prefix("Value: ") {
+                value = v.to_owned();
+            }
+        }
+        if let Some(n) = name.filter(|n| n.starts_with("troops/")) {
+            answers.push((n, value));
+        }
+    }
+    from_answers(&answers, origin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preseed_file() {
+        let text = "\
+# Troops
+d-i pkgsel/include string troops
+troops troops/remotes string origin=git@repos.example.com:deploy \\
+    mirror=https://git.example.com/deploy.git
+troops troops/roles string web, cache
+troops troops/verify select tip
+";
+        let s = parse_preseed(text, "preseed.cfg").unwrap().unwrap();
+        assert_eq!(s.remotes.len(), 2);
+        assert_eq!(s.remotes["mirror"], "https://git.example.com/deploy.git");
+        assert_eq!(s.roles, Some(vec!["web".into(), "cache".into()]));
+        assert_eq!(s.verify, Some(Verify::Tip));
+        assert_eq!(parse_preseed("d-i foo/bar string x\n", "p").unwrap(), None);
+    }
+
+    #[test]
+    fn preseed_errors() {
+        let e = parse_preseed("troops troops/remotez string x=y\n", "p.cfg").unwrap_err().to_string();
+        assert!(e.contains("p.cfg") && e.contains("troops/remotez"), "{e}");
+        let e = parse_preseed("troops troops/remotes string origin\n", "p.cfg").unwrap_err().to_string();
+        assert!(e.contains("expected NAME=URL"), "{e}");
+        let e = parse_preseed("troops troops/roles strin web\n", "p.cfg").unwrap_err().to_string();
+        assert!(e.contains("line 1"), "{e}");
+        let e = parse_preseed("troops troops/remotes string o=ext::sh\n", "p.cfg").unwrap_err().to_string();
+        assert!(e.contains("troops.remotes"), "{e}");
+    }
+
+    #[test]
+    fn debconf_db() {
+        let db = "Name: troops/remotes\nTemplate: troops/remotes\nValue: origin=git@h:d\nOwners: troops\n\nName: troops/roles\nTemplate: troops/roles\nValue: \nOwners: troops\n\nName: other/x\nValue: y\n";
+        let s = parse_debconf_db(db, "db").unwrap().unwrap();
+        assert_eq!(s.remotes["origin"], "git@h:d");
+        assert_eq!(s.roles, None);
+        assert_eq!(parse_debconf_db("Name: other/x\nValue: y\n", "db").unwrap(), None);
+    }
+}
