@@ -1,10 +1,13 @@
 //! Troops: a node that keeps itself deployed from git. The binary (`main.rs`, `cli/`) is
 //! glue; everything it does lives in these modules, none of which knows about a terminal.
 
+pub mod accounts;
 pub mod backoff;
 pub mod deploy;
 pub mod fetch;
 pub mod fsutil;
+pub mod init;
+pub mod keys;
 pub mod lock;
 pub mod names;
 pub mod node;

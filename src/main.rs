@@ -60,7 +60,8 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
         .map_err(|e| anyhow::anyhow!("failed to resolve --root {}: {e}", cli.root.display()))?;
     let journal = is_journal(1);
     match &cli.command {
-        Command::Init(args) => cli::init::run(root, args),
+        Command::Init(args) => cli::init::run(root, args, journal),
+        Command::Key => cli::key::run(root),
         Command::Pull => cli::pull::run(root, journal),
         Command::Deploy => cli::deploy::run(root, journal),
         Command::Status(args) => cli::status::run(root, args),

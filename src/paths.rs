@@ -30,6 +30,12 @@ impl Layout {
     pub fn state_dir(&self) -> PathBuf {
         self.under("var/lib/troops")
     }
+    pub fn ssh_dir(&self) -> PathBuf {
+        self.under("var/lib/troops/ssh")
+    }
+    pub fn allowed_signers(&self) -> PathBuf {
+        self.under("etc/troops/allowed_signers")
+    }
     pub fn repo(&self) -> PathBuf {
         self.under("var/lib/troops/repo/main.git")
     }

@@ -127,24 +127,6 @@ impl Repo {
         })
     }
 
-    /// Open the bare repo at `path`, creating it first if it does not exist.
-    pub fn open_or_init(path: &Path) -> Result<Repo, RepoError> {
-        if path.join("HEAD").exists() {
-            return Repo::open(path);
-        }
-        std::fs::create_dir_all(path).map_err(|e| RepoError::Git {
-            path: path.to_owned(),
-            what: "create the repository directory".into(),
-            message: e.to_string(),
-        })?;
-        gix::init_bare(path).map_err(|e| RepoError::Git {
-            path: path.to_owned(),
-            what: "create a bare repository".into(),
-            message: chain(&e),
-        })?;
-        Repo::open(path)
-    }
-
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -165,24 +147,36 @@ impl Repo {
             .collect()
     }
 
-    /// Add a remote, or point an existing one at `url`, as `git remote add/set-url` would.
-    pub fn set_remote(&mut self, name: &str, url: &str) -> Result<(), RepoError> {
+    /// A value from the repository's own config file.
+    pub fn config_value(&self, key: &str) -> Option<String> {
+        self.repo.config_snapshot().string(key).map(|v| v.to_string())
+    }
+
+    /// Add or re-point `remotes` (as `git remote add/set-url` would) and set `values` (like
+    /// `core.sshCommand`), all in one locked write of the config file: either all of it
+    /// lands or none.
+    pub fn configure(&mut self, remotes: &[(String, String)], values: &[(&str, &str)]) -> Result<(), RepoError> {
         let config_path = self.repo.git_dir().join("config");
-        let mut config = gix::config::File::from_path_no_includes(
-            config_path.clone(),
-            gix::config::Source::Local,
-        )
-        .map_err(self.err(format!("read {}", config_path.display())))?;
-        let spec = format!("+refs/heads/*:refs/remotes/{name}/*");
-        let mut remote = self
-            .repo
-            .remote_at(url)
-            .map_err(self.err(format!("parse the URL of remote {name:?}")))?
-            .with_refspecs([spec.as_str()], Direction::Fetch)
-            .map_err(self.err("set the fetch refspec"))?;
-        remote
-            .save_as_to(name, &mut config)
-            .map_err(self.err(format!("save remote {name:?}")))?;
+        let mut config =
+            gix::config::File::from_path_no_includes(config_path.clone(), gix::config::Source::Local)
+                .map_err(self.err(format!("read {}", config_path.display())))?;
+        for (name, url) in remotes {
+            let spec = format!("+refs/heads/*:refs/remotes/{name}/*");
+            let mut remote = self
+                .repo
+                .remote_at(url.as_str())
+                .map_err(self.err(format!("parse the URL of remote {name:?}")))?
+                .with_refspecs([spec.as_str()], Direction::Fetch)
+                .map_err(self.err("set the fetch refspec"))?;
+            remote
+                .save_as_to(name.as_str(), &mut config)
+                .map_err(self.err(format!("save remote {name:?}")))?;
+        }
+        for (key, value) in values {
+            config
+                .set_raw_value(*key, *value)
+                .map_err(self.err(format!("set {key}")))?;
+        }
         let mut lock = gix::lock::File::acquire_to_update_resource(
             &config_path,
             gix::lock::acquire::Fail::AfterDurationWithBackoff(std::time::Duration::from_secs(5)),
@@ -198,6 +192,16 @@ impl Repo {
             .map_err(self.err(format!("write {}", config_path.display())))?;
         self.repo = gix::open(&self.path).map_err(self.err("reopen the repository"))?;
         Ok(())
+    }
+
+    /// Create a bare repository at `path`, which must not exist.
+    pub fn create(path: &Path) -> Result<Repo, RepoError> {
+        gix::init_bare(path).map_err(|e| RepoError::Git {
+            path: path.to_owned(),
+            what: "create a bare repository".into(),
+            message: chain(&e),
+        })?;
+        Repo::open(path)
     }
 
     /// Fetch `branch` from `remote` into `refs/remotes/<remote>/<branch>`. `Ok(None)` when the

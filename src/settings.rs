@@ -45,6 +45,16 @@ pub enum Installer {
     Pip,
 }
 
+/// Whether commits must be signed (DESIGN.md, "Signatures").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Verify {
+    #[default]
+    None,
+    Tip,
+    All,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
@@ -64,6 +74,14 @@ pub struct Settings {
     /// The fully qualified name deploy.py sees; unset means the machine's own.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
+    /// The host group whose members may push and trigger deploys.
+    pub admin_group: String,
+    pub verify: Verify,
+    /// An IMDS endpoint to ask for user data even where DMI does not say EC2.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub imds: Option<String>,
+    /// Seconds IMDS may take, retries included, before init gives up on it.
+    pub imds_deadline: u64,
 }
 
 impl Default for Settings {
@@ -78,6 +96,10 @@ impl Default for Settings {
             retry_max: 3600,
             keep_runs: 100,
             hostname: None,
+            admin_group: "troops".into(),
+            verify: Verify::None,
+            imds: None,
+            imds_deadline: 120,
         }
     }
 }
@@ -109,6 +131,7 @@ impl Settings {
         for role in &self.roles {
             names::check_role(role).map_err(invalid)?;
         }
+        names::check_user(&self.admin_group).map_err(invalid)?;
         let value = |key, expected| {
             Err(SettingsError::Value {
                 path: path.to_owned(),
@@ -127,6 +150,11 @@ impl Settings {
                 "retry_min/retry_max",
                 "1 <= retry_min <= retry_max (seconds)",
             );
+        }
+        if let Some(url) = &self.imds
+            && !url.starts_with("http://")
+        {
+            return value("imds", "an http:// URL");
         }
         if self.keep_runs == 0 {
             return value("keep_runs", "at least 1");

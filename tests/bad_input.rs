@@ -55,7 +55,7 @@ fn init_refuses_bad_remotes_names_and_branches_and_writes_nothing() {
         (&["--branch", "a..b"], "invalid branch name \"a..b\""),
     ];
     for (args, expect) in cases {
-        let mut all = vec!["init"];
+        let mut all = vec!["init", "--no-pull", "--group", &world.group];
         all.extend_from_slice(args);
         let out = fresh.troops(&all).failed();
         let line = error_line(&out);
@@ -76,7 +76,7 @@ fn init_refuses_bad_remotes_names_and_branches_and_writes_nothing() {
     node.init(&[("origin", &remote)], &["web"]);
     let before = tree(&node.root);
     for (args, _) in cases {
-        let mut all = vec!["init"];
+        let mut all = vec!["init", "--no-pull", "--group", &world.group];
         all.extend_from_slice(args);
         node.troops(&all).failed();
     }
@@ -95,8 +95,8 @@ fn init_twice_changes_nothing_and_says_so() {
     assert_eq!(tree(&node.root), before);
     let other = world.bare("other");
     let out = node.init(&[("origin", &other)], &["db"]);
-    assert!(out.stdout.contains("remote origin:"), "{}", out.stdout);
-    assert!(out.stdout.contains("settings: updated"), "{}", out.stdout);
+    assert!(out.stdout.contains("troops: remote origin: file://"), "{}", out.stdout);
+    assert!(out.stdout.contains("setting roles: [\"web\"] -> [\"db\"]"), "{}", out.stdout);
     assert_eq!(
         git(&node.repo(), &["remote", "get-url", "origin"]),
         format!("file://{}", other.display())

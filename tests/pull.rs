@@ -204,6 +204,9 @@ fn a_missing_and_a_hanging_remote_do_not_stop_the_others() {
     f.node
         .troops(&[
             "init",
+            "--no-pull",
+            "--group",
+            &f.node.group,
             "--remote",
             &missing,
             "--remote",

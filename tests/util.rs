@@ -34,10 +34,20 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-/// A scratch directory for one test, removed afterwards.
+/// A scratch directory for one test, removed afterwards, and the throwaway admin group its
+/// nodes use (removed too).
 pub struct World {
     dir: tempfile::TempDir,
+    pub group: String,
 }
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = Command::new("groupdel").arg(&self.group).output();
+    }
+}
+
+static WORLDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 impl World {
     pub fn new() -> World {
@@ -47,11 +57,13 @@ impl World {
             "{} is missing: build the workspace first (cargo build --workspace)",
             module.display()
         );
+        let n = WORLDS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         World {
             dir: tempfile::Builder::new()
                 .prefix("troops-test-")
                 .tempdir()
                 .unwrap(),
+            group: format!("trt{}x{n}", std::process::id()),
         }
     }
 
@@ -77,6 +89,7 @@ impl World {
     pub fn node(&self, name: &str) -> Node {
         Node {
             root: self.path(&format!("nodes/{name}")),
+            group: self.group.clone(),
         }
     }
 }
@@ -142,6 +155,8 @@ impl Upstream {
 
 pub struct Node {
     pub root: PathBuf,
+    /// The admin group, passed to every init so the host's own `troops` is never touched.
+    pub group: String,
 }
 
 pub struct Run {
@@ -210,7 +225,7 @@ impl Node {
 
     /// `troops init` with `remotes` as (name, bare path) and the given roles.
     pub fn init(&self, remotes: &[(&str, &Path)], roles: &[&str]) -> Run {
-        let mut args: Vec<String> = vec!["init".into()];
+        let mut args: Vec<String> = vec!["init".into(), "--no-pull".into(), "--group".into(), self.group.clone()];
         for (name, path) in remotes {
             args.push("--remote".into());
             args.push(format!("{name}=file://{}", path.display()));

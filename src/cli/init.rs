@@ -1,28 +1,87 @@
+//! `troops init`: find the seed, plan, show or apply, then the first pull.
+
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
+use troops::init::{self, Request};
 use troops::names;
 use troops::paths::Layout;
-use troops::repo::Repo;
+use troops::seed::{self, Seed, SeedError};
 use troops::settings::{Settings, SettingsError};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A git remote to pull from, NAME=URL; repeat for more.
+    /// A git remote to pull from, NAME=URL; repeat for more. Overrides the seed's.
     #[arg(long = "remote", value_name = "NAME=URL")]
     remotes: Vec<String>,
-    /// A role of this node; repeat for more. Replaces the roles set before.
+    /// A role of this node; repeat for more. Replaces the seed's roles.
     #[arg(long = "role", value_name = "ROLE")]
     roles: Vec<String>,
     /// The branch to follow.
     #[arg(long)]
     branch: Option<String>,
+    /// A user to add to the admin group; repeat for more.
+    #[arg(long = "admin", value_name = "USER")]
+    admins: Vec<String>,
     /// The interpreter virtualenvs are made from.
     #[arg(long)]
     python: Option<PathBuf>,
+    /// The host group whose members may push and trigger deploys.
+    #[arg(long)]
+    group: Option<String>,
+    /// Read the seed from this file (cloud-config, JSON, MIME, gzip).
+    #[arg(long, value_name = "FILE")]
+    seed: Option<PathBuf>,
+    /// Read the seed from this d-i preseed file.
+    #[arg(long, value_name = "FILE")]
+    preseed: Option<PathBuf>,
+    /// Ask this IMDS endpoint for user data even where DMI does not say EC2.
+    #[arg(long, value_name = "URL")]
+    imds: Option<String>,
+    /// Print what would be done and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Do not pull and deploy after init.
+    #[arg(long)]
+    no_pull: bool,
 }
 
-pub fn run(root: &Path, args: &Args) -> Result<u8> {
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// The seed: given files, else flags alone if they name remotes, else the first source
+/// that has one; flags override what it says.
+fn find_seed(layout: &Layout, args: &Args, old: Option<&Settings>, flags: Seed) -> Result<(Seed, String)> {
+    let imds = args
+        .imds
+        .clone()
+        .or_else(|| old.and_then(|s| s.imds.clone()))
+        .map(|url| (url, Duration::from_secs(old.map_or(120, |s| s.imds_deadline))));
+    let explicit = args.seed.is_some() || args.preseed.is_some();
+    if !explicit && !flags.remotes.is_empty() {
+        return Ok((flags, "the command line".into()));
+    }
+    let sources = if explicit {
+        let mut s = Vec::new();
+        s.extend(args.seed.clone().map(seed::SourceKind::File));
+        s.extend(args.preseed.clone().map(seed::SourceKind::PreseedFile));
+        s
+    } else {
+        seed::sources(layout.root(), None, None, imds)
+    };
+    match seed::discover(layout.root(), &sources) {
+        Ok((found, origin)) => Ok((found.merged(flags), origin)),
+        // An initialised node re-run without a seed keeps what it has.
+        Err(SeedError::NotFound(_)) if old.is_some() && !explicit => Ok((flags, "the command line".into())),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub fn run(root: &Path, args: &Args, stdout_is_journal: bool) -> Result<u8> {
     let layout = Layout::new(root);
     // Everything is checked before anything is written.
     let remotes = args
@@ -30,66 +89,76 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
         .iter()
         .map(|r| names::parse_remote_spec(r))
         .collect::<Result<Vec<_>, _>>()?;
-    let settings_path = layout.settings_file();
-    let old = match Settings::load(&settings_path) {
+    let mut flags = init::flags_seed(&remotes, &args.roles, args.branch.as_deref());
+    if !args.admins.is_empty() {
+        flags.admins = Some(args.admins.clone());
+    }
+    flags.validate("the command line")?;
+    let old = match Settings::load(&layout.settings_file()) {
         Ok(s) => Some(s),
         Err(SettingsError::NotInitialised(_)) => None,
         Err(e) => return Err(e.into()),
     };
-    let mut settings = old.clone().unwrap_or_default();
-    if !args.roles.is_empty() {
-        settings.roles = args.roles.clone();
-    }
-    if let Some(b) = &args.branch {
-        settings.branch = b.clone();
-    }
-    if let Some(p) = &args.python {
-        settings.python = p.clone();
-    }
-    settings.validate(&settings_path)?;
+    let (seed, origin) = find_seed(&layout, args, old.as_ref(), flags)?;
+    seed.validate(&origin)?;
+    let request = Request {
+        seed,
+        python: args.python.clone(),
+        group: args.group.clone(),
+        imds: args.imds.clone(),
+    };
 
     let _lock = super::lock_node(&layout)?;
-    for dir in [
-        layout.etc(),
-        layout.state_dir(),
-        layout.runs(),
-        layout.work(),
-        layout.venvs(),
-    ] {
-        troops::fsutil::create_dirs(&dir, 0o755)
-            .with_context(|| format!("failed to create {}", dir.display()))?;
+    let plan = init::plan(&layout, &request)?;
+    if args.dry_run {
+        println!("troops: seed from {origin}; a real init would:");
+        for c in &plan.changes {
+            println!("  {c}");
+        }
+        if plan.is_empty() {
+            println!("  change nothing");
+        }
+        return Ok(0);
     }
-    let mut repo = Repo::open_or_init(&layout.repo())?;
-    let existing = repo.remotes();
-    let mut changes = Vec::new();
-    for (name, url) in &remotes {
-        match existing.iter().find(|(n, _)| n == name) {
-            Some((_, u)) if u == url => {}
-            Some((_, u)) => {
-                repo.set_remote(name, url)?;
-                changes.push(format!("remote {name}: {u} -> {url}"));
-            }
-            None => {
-                repo.set_remote(name, url)?;
-                changes.push(format!("remote {name}: added {url}"));
-            }
+    let changes = plan.changes.clone();
+    init::apply(&layout, plan, &format!("troops@{}", hostname())).context("init failed; the node is as it was")?;
+    if changes.is_empty() {
+        println!("troops: node at {} is up to date (seed from {origin}); nothing changed", root.display());
+    } else {
+        println!("troops: seed from {origin}");
+        for c in changes {
+            println!("troops: {c}");
         }
     }
-    if old.as_ref() != Some(&settings) {
-        settings.save(&settings_path)?;
-        changes.push(match old {
-            None => format!("settings: wrote {}", settings_path.display()),
-            Some(_) => format!("settings: updated {}", settings_path.display()),
-        });
+    enable_timer(root);
+    if args.no_pull {
+        return Ok(0);
     }
-    if changes.is_empty() {
-        println!(
-            "troops: node at {} is up to date; nothing changed",
-            root.display()
-        );
-    }
-    for c in changes {
-        println!("troops: {c}");
+    drop(_lock);
+    // The first pull may well fail (the git server does not know the node's key yet); init
+    // itself succeeded, and the timer will pull again.
+    match super::pull::run(root, stdout_is_journal) {
+        Ok(0) => {}
+        Ok(_) | Err(_) => eprintln!(
+            "troops: the first pull did not deploy; authorise the node's key (`troops key`) if the remote needs it; the timer pulls again"
+        ),
     }
     Ok(0)
+}
+
+/// Start pulling on the timer when systemd runs this machine and the package's units are
+/// installed; a node under another root (a test, an image being built) is left alone.
+fn enable_timer(root: &Path) {
+    if root != Path::new("/") || !Path::new("/run/systemd/system").is_dir() {
+        return;
+    }
+    if !Path::new("/usr/lib/systemd/system/troops-pull.timer").exists() {
+        return;
+    }
+    let status = std::process::Command::new("systemctl")
+        .args(["enable", "--now", "troops-pull.timer"])
+        .status();
+    if !status.is_ok_and(|s| s.success()) {
+        eprintln!("troops: could not enable troops-pull.timer; enable it with systemctl");
+    }
 }

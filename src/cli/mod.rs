@@ -4,6 +4,7 @@
 pub mod deploy;
 pub mod fetch_worker;
 pub mod init;
+pub mod key;
 pub mod log;
 pub mod pull;
 pub mod run;
@@ -35,8 +36,11 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Set the node up: bare repo, remotes, settings. Safe to run again.
+    /// Set the node up from its seed (or flags): key, repo, remotes, settings; then the
+    /// first pull. Safe to run again.
     Init(init::Args),
+    /// Print the node's public SSH key, to authorise it on the git server.
+    Key,
     /// Fetch every remote, fast-forward the branch, deploy if it moved.
     Pull,
     /// Run deploy.py for the current branch head now.

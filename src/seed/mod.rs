@@ -18,15 +18,7 @@ use thiserror::Error;
 
 use crate::names;
 
-/// Whether commits must be signed (DESIGN.md, "Signatures").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Verify {
-    #[default]
-    None,
-    Tip,
-    All,
-}
+pub use crate::settings::Verify;
 
 /// The `troops` section of a seed, parsed strictly: an unknown key is an error.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]

@@ -69,10 +69,12 @@ fn section(doc: Document, origin: &str) -> Result<Option<Seed>, SeedError> {
     Ok(doc.troops)
 }
 
-/// serde-saphyr's messages can span lines (they quote the source); keep them on one.
+/// serde-saphyr's messages go on to quote the source over several lines; the first says
+/// where and what.
 fn yaml_error(message: &str) -> String {
-    let one: Vec<&str> = message.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-    format!("invalid YAML: {}", one.join(" "))
+    let first = message.lines().next().unwrap_or(message);
+    let first = first.split(" --> ").next().unwrap_or(first);
+    format!("invalid YAML: {}", first.trim().trim_start_matches("error: "))
 }
 
 fn parse_mime(bytes: &[u8], origin: &str, depth: u32) -> Result<Option<Seed>, SeedError> {
@@ -164,7 +166,7 @@ mod tests {
         let e = parse(b"#cloud-config\ntroops:\n  remotez: {}\n", "seed.yaml").unwrap_err().to_string();
         assert!(e.starts_with("seed.yaml:") && e.contains("remotez"), "{e}");
         let e = parse(b"#cloud-config\ntroops: [\n", "seed.yaml").unwrap_err().to_string();
-        assert!(e.starts_with("seed.yaml: invalid YAML") && e.contains("line"), "{e}");
+        assert_eq!(e, "seed.yaml: invalid YAML: line 2 column 9: expected mapping start");
         let e = parse(b"{\"troops\": {\"roles\": [1}", "j").unwrap_err().to_string();
         assert!(e.contains("invalid JSON") && e.contains("line 1 column"), "{e}");
         let e = parse(b"{\"troops\": {\"verify\": \"sometimes\"}}", "j").unwrap_err().to_string();
