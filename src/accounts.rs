@@ -47,7 +47,12 @@ fn group_entry(group: &str) -> Result<Option<(u32, Vec<String>)>, AccountError> 
     let gid = fields.get(2).and_then(|g| g.parse().ok());
     let members = fields
         .get(3)
-        .map(|m| m.split(',').filter(|s| !s.is_empty()).map(String::from).collect())
+        .map(|m| {
+            m.split(',')
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect()
+        })
         .unwrap_or_default();
     Ok(gid.map(|g| (g, members)))
 }

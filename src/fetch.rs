@@ -78,7 +78,10 @@ pub fn fetch_all(
             // Whatever the caller's environment says about ssh or git (GIT_SSH_COMMAND, an
             // agent, GIT_CONFIG_*), fetches use the node's own key and settings.
             .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()))
+            .env(
+                "PATH",
+                std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
+            )
             .env("LANG", "C.UTF-8")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -28,7 +28,10 @@ pub enum InitError {
     #[error(transparent)]
     Account(#[from] AccountError),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("no remotes: give one with --remote NAME=URL or in the seed's troops.remotes")]
     NoRemotes,
 }
@@ -84,7 +87,8 @@ fn settings_diff(old: &Settings, new: &Settings) -> Vec<String> {
     keys.into_iter()
         .filter(|k| a.get(*k) != b.get(*k))
         .map(|k| {
-            let show = |v: Option<&serde_json::Value>| v.map_or("(unset)".into(), |v| v.to_string());
+            let show =
+                |v: Option<&serde_json::Value>| v.map_or("(unset)".into(), |v| v.to_string());
             format!("setting {k}: {} -> {}", show(a.get(k)), show(b.get(k)))
         })
         .collect()
@@ -162,8 +166,16 @@ pub fn plan(layout: &Layout, req: &Request) -> Result<Plan, InitError> {
     let ssh_dir = layout.ssh_dir();
     let ssh_command = keys::ssh_command(&ssh_dir);
     let mut config = Vec::new();
-    for (key, value) in [("core.sshCommand", ssh_command), ("core.sharedRepository", "group".to_string())] {
-        if existing.as_ref().and_then(|r| r.config_value(key)).as_deref() != Some(value.as_str()) {
+    for (key, value) in [
+        ("core.sshCommand", ssh_command),
+        ("core.sharedRepository", "group".to_string()),
+    ] {
+        if existing
+            .as_ref()
+            .and_then(|r| r.config_value(key))
+            .as_deref()
+            != Some(value.as_str())
+        {
             if !new_repo {
                 changes.push(format!("repository: set {key} = {value}"));
             }
@@ -187,17 +199,35 @@ pub fn plan(layout: &Layout, req: &Request) -> Result<Plan, InitError> {
         }
     };
     let pinned = seed.known_hosts.is_some();
-    want_file(ssh_dir.join("config"), keys::ssh_config(&ssh_dir, pinned), 0o644, "ssh config");
+    want_file(
+        ssh_dir.join("config"),
+        keys::ssh_config(&ssh_dir, pinned),
+        0o644,
+        "ssh config",
+    );
     match &seed.known_hosts {
-        Some(lines) => want_file(ssh_dir.join("known_hosts"), lines.join("\n") + "\n", 0o644, "known_hosts"),
+        Some(lines) => want_file(
+            ssh_dir.join("known_hosts"),
+            lines.join("\n") + "\n",
+            0o644,
+            "known_hosts",
+        ),
         // Nothing pinned: keep what ssh learnt so far, or start empty.
-        None if !ssh_dir.join("known_hosts").exists() => {
-            want_file(ssh_dir.join("known_hosts"), String::new(), 0o644, "known_hosts")
-        }
+        None if !ssh_dir.join("known_hosts").exists() => want_file(
+            ssh_dir.join("known_hosts"),
+            String::new(),
+            0o644,
+            "known_hosts",
+        ),
         None => {}
     }
     if let Some(lines) = &seed.allowed_signers {
-        want_file(layout.allowed_signers(), lines.join("\n") + "\n", 0o644, "allowed_signers");
+        want_file(
+            layout.allowed_signers(),
+            lines.join("\n") + "\n",
+            0o644,
+            "allowed_signers",
+        );
     }
 
     let group = settings.admin_group.clone();
@@ -253,7 +283,9 @@ impl StagedFile {
             .mode(mode)
             .open(&tmp)
             .map_err(io_err(&tmp))?;
-        f.write_all(contents).and_then(|_| f.sync_all()).map_err(io_err(&tmp))?;
+        f.write_all(contents)
+            .and_then(|_| f.sync_all())
+            .map_err(io_err(&tmp))?;
         Ok(StagedFile {
             tmp,
             dest: dest.to_owned(),
@@ -321,12 +353,23 @@ pub fn apply(layout: &Layout, plan: Plan, key_comment: &str) -> Result<(), InitE
     result
 }
 
-fn stage_and_commit(layout: &Layout, plan: &Plan, key_comment: &str, group: &str) -> Result<(), InitError> {
+fn stage_and_commit(
+    layout: &Layout,
+    plan: &Plan,
+    key_comment: &str,
+    group: &str,
+) -> Result<(), InitError> {
     let gid = accounts::group_gid(group)?.ok_or_else(|| AccountError::Failed {
         command: format!("getent group {group}"),
         message: "the group vanished".into(),
     })?;
-    for dir in [layout.etc(), layout.state_dir(), layout.runs(), layout.work(), layout.venvs()] {
+    for dir in [
+        layout.etc(),
+        layout.state_dir(),
+        layout.runs(),
+        layout.work(),
+        layout.venvs(),
+    ] {
         fsutil::create_dirs(&dir, 0o755).map_err(io_err(&dir))?;
     }
     fsutil::create_dirs(&layout.ssh_dir(), 0o700).map_err(io_err(&layout.ssh_dir()))?;
@@ -343,13 +386,19 @@ fn stage_and_commit(layout: &Layout, plan: &Plan, key_comment: &str, group: &str
         staged.push(StagedFile::write(path, contents.as_bytes(), *mode)?);
     }
     let settings_file = if plan.write_settings {
-        Some(StagedFile::write(&layout.settings_file(), plan.settings.to_toml().as_bytes(), 0o644)?)
+        Some(StagedFile::write(
+            &layout.settings_file(),
+            plan.settings.to_toml().as_bytes(),
+            0o644,
+        )?)
     } else {
         None
     };
     let config: Vec<(&str, &str)> = plan.config.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let new_repo = if plan.new_repo {
-        let aside = layout.repo().with_extension(format!("git.init-{}", std::process::id()));
+        let aside = layout
+            .repo()
+            .with_extension(format!("git.init-{}", std::process::id()));
         let _ = fs::remove_dir_all(&aside);
         let mut repo = Repo::create(&aside)?;
         repo.configure(&plan.remotes, &config)?;

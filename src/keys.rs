@@ -64,7 +64,18 @@ pub fn generate(ssh_dir: &Path, comment: &str) -> Result<StagedKey, KeyError> {
         ssh_dir: ssh_dir.to_owned(),
     };
     let out = Command::new("ssh-keygen")
-        .args(["-q", "-t", "rsa", "-b", &KEY_BITS.to_string(), "-N", "", "-C", comment, "-f"])
+        .args([
+            "-q",
+            "-t",
+            "rsa",
+            "-b",
+            &KEY_BITS.to_string(),
+            "-N",
+            "",
+            "-C",
+            comment,
+            "-f",
+        ])
         .arg(tmp.join("id_rsa"))
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
@@ -78,7 +89,9 @@ pub fn generate(ssh_dir: &Path, comment: &str) -> Result<StagedKey, KeyError> {
     }
     for f in ["id_rsa", "id_rsa.pub"] {
         let p = tmp.join(f);
-        fs::File::open(&p).and_then(|f| f.sync_all()).map_err(io_err(&p))?;
+        fs::File::open(&p)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(&p))?;
     }
     Ok(staged)
 }

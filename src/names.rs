@@ -53,8 +53,10 @@ pub fn check_user(name: &str) -> Result<(), NameError> {
     let mut chars = name.chars();
     let ok = matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
         && name.len() <= 32
-        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'));
-    ok.then_some(()).ok_or_else(|| NameError::User(name.to_owned()))
+        && chars
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'));
+    ok.then_some(())
+        .ok_or_else(|| NameError::User(name.to_owned()))
 }
 
 /// Git's own rules for a branch name (check-ref-format), minus the ones that only make sense

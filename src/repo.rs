@@ -149,17 +149,26 @@ impl Repo {
 
     /// A value from the repository's own config file.
     pub fn config_value(&self, key: &str) -> Option<String> {
-        self.repo.config_snapshot().string(key).map(|v| v.to_string())
+        self.repo
+            .config_snapshot()
+            .string(key)
+            .map(|v| v.to_string())
     }
 
     /// Add or re-point `remotes` (as `git remote add/set-url` would) and set `values` (like
     /// `core.sshCommand`), all in one locked write of the config file: either all of it
     /// lands or none.
-    pub fn configure(&mut self, remotes: &[(String, String)], values: &[(&str, &str)]) -> Result<(), RepoError> {
+    pub fn configure(
+        &mut self,
+        remotes: &[(String, String)],
+        values: &[(&str, &str)],
+    ) -> Result<(), RepoError> {
         let config_path = self.repo.git_dir().join("config");
-        let mut config =
-            gix::config::File::from_path_no_includes(config_path.clone(), gix::config::Source::Local)
-                .map_err(self.err(format!("read {}", config_path.display())))?;
+        let mut config = gix::config::File::from_path_no_includes(
+            config_path.clone(),
+            gix::config::Source::Local,
+        )
+        .map_err(self.err(format!("read {}", config_path.display())))?;
         for (name, url) in remotes {
             let spec = format!("+refs/heads/*:refs/remotes/{name}/*");
             let mut remote = self

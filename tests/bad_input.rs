@@ -95,8 +95,16 @@ fn init_twice_changes_nothing_and_says_so() {
     assert_eq!(tree(&node.root), before);
     let other = world.bare("other");
     let out = node.init(&[("origin", &other)], &["db"]);
-    assert!(out.stdout.contains("troops: remote origin: file://"), "{}", out.stdout);
-    assert!(out.stdout.contains("setting roles: [\"web\"] -> [\"db\"]"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("troops: remote origin: file://"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("setting roles: [\"web\"] -> [\"db\"]"),
+        "{}",
+        out.stdout
+    );
     assert_eq!(
         git(&node.repo(), &["remote", "get-url", "origin"]),
         format!("file://{}", other.display())

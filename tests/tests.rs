@@ -1,8 +1,10 @@
 //! Integration tests: real git, real remotes, real python venvs, the real binary.
 
+mod imds_fake;
 mod util;
 
 mod api;
 mod bad_input;
 mod deploy;
+mod first_boot;
 mod pull;

@@ -225,7 +225,12 @@ impl Node {
 
     /// `troops init` with `remotes` as (name, bare path) and the given roles.
     pub fn init(&self, remotes: &[(&str, &Path)], roles: &[&str]) -> Run {
-        let mut args: Vec<String> = vec!["init".into(), "--no-pull".into(), "--group".into(), self.group.clone()];
+        let mut args: Vec<String> = vec![
+            "init".into(),
+            "--no-pull".into(),
+            "--group".into(),
+            self.group.clone(),
+        ];
         for (name, path) in remotes {
             args.push("--remote".into());
             args.push(format!("{name}=file://{}", path.display()));

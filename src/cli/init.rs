@@ -55,12 +55,23 @@ fn hostname() -> String {
 
 /// The seed: given files, else flags alone if they name remotes, else the first source
 /// that has one; flags override what it says.
-fn find_seed(layout: &Layout, args: &Args, old: Option<&Settings>, flags: Seed) -> Result<(Seed, String)> {
+fn find_seed(
+    layout: &Layout,
+    args: &Args,
+    old: Option<&Settings>,
+    flags: Seed,
+) -> Result<(Seed, String)> {
+    let initialised = layout.repo().join("HEAD").exists();
     let imds = args
         .imds
         .clone()
         .or_else(|| old.and_then(|s| s.imds.clone()))
-        .map(|url| (url, Duration::from_secs(old.map_or(120, |s| s.imds_deadline))));
+        .map(|url| {
+            (
+                url,
+                Duration::from_secs(old.map_or(120, |s| s.imds_deadline)),
+            )
+        });
     let explicit = args.seed.is_some() || args.preseed.is_some();
     if !explicit && !flags.remotes.is_empty() {
         return Ok((flags, "the command line".into()));
@@ -76,7 +87,9 @@ fn find_seed(layout: &Layout, args: &Args, old: Option<&Settings>, flags: Seed) 
     match seed::discover(layout.root(), &sources) {
         Ok((found, origin)) => Ok((found.merged(flags), origin)),
         // An initialised node re-run without a seed keeps what it has.
-        Err(SeedError::NotFound(_)) if old.is_some() && !explicit => Ok((flags, "the command line".into())),
+        Err(SeedError::NotFound(_)) if initialised && !explicit => {
+            Ok((flags, "the command line".into()))
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -108,7 +121,6 @@ pub fn run(root: &Path, args: &Args, stdout_is_journal: bool) -> Result<u8> {
         imds: args.imds.clone(),
     };
 
-    let _lock = super::lock_node(&layout)?;
     let plan = init::plan(&layout, &request)?;
     if args.dry_run {
         println!("troops: seed from {origin}; a real init would:");
@@ -120,10 +132,16 @@ pub fn run(root: &Path, args: &Args, stdout_is_journal: bool) -> Result<u8> {
         }
         return Ok(0);
     }
+    // Locked only now: a plan that fails must not leave even a lock file on a fresh node.
+    let lock = super::lock_node(&layout)?;
     let changes = plan.changes.clone();
-    init::apply(&layout, plan, &format!("troops@{}", hostname())).context("init failed; the node is as it was")?;
+    init::apply(&layout, plan, &format!("troops@{}", hostname()))
+        .context("init failed; the node is as it was")?;
     if changes.is_empty() {
-        println!("troops: node at {} is up to date (seed from {origin}); nothing changed", root.display());
+        println!(
+            "troops: node at {} is up to date (seed from {origin}); nothing changed",
+            root.display()
+        );
     } else {
         println!("troops: seed from {origin}");
         for c in changes {
@@ -134,7 +152,7 @@ pub fn run(root: &Path, args: &Args, stdout_is_journal: bool) -> Result<u8> {
     if args.no_pull {
         return Ok(0);
     }
-    drop(_lock);
+    drop(lock);
     // The first pull may well fail (the git server does not know the node's key yet); init
     // itself succeeded, and the timer will pull again.
     match super::pull::run(root, stdout_is_journal) {

@@ -60,7 +60,11 @@ impl Imds {
     }
 
     fn retry_after(resp: &reqwest::blocking::Response) -> Option<Duration> {
-        let v = resp.headers().get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+        let v = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)?
+            .to_str()
+            .ok()?;
         v.trim().parse::<u64>().ok().map(Duration::from_secs)
     }
 
@@ -75,9 +79,10 @@ impl Imds {
                 },
                 // Disabled, or no IMDSv2 here: nothing to ask.
                 StatusCode::FORBIDDEN | StatusCode::NOT_FOUND => Attempt::Done(Ok(None)),
-                s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
-                    Attempt::Retry(Self::retry_after(&resp).unwrap_or_default(), format!("PUT {url}: {s}"))
-                }
+                s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => Attempt::Retry(
+                    Self::retry_after(&resp).unwrap_or_default(),
+                    format!("PUT {url}: {s}"),
+                ),
                 status => Attempt::Done(Err(ImdsError::Unexpected { url, status })),
             },
         }
@@ -99,10 +104,12 @@ impl Imds {
                     last,
                 });
             }
-            let client = Self::client(left.min(Duration::from_secs(5))).map_err(|e| ImdsError::Unreachable {
-                url: self.base.clone(),
-                deadline: self.deadline,
-                last: e,
+            let client = Self::client(left.min(Duration::from_secs(5))).map_err(|e| {
+                ImdsError::Unreachable {
+                    url: self.base.clone(),
+                    deadline: self.deadline,
+                    last: e,
+                }
             })?;
             let attempt = match &token {
                 None => match self.token(&client) {
@@ -128,7 +135,10 @@ impl Imds {
                             continue;
                         }
                         s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
-                            Attempt::Retry(Self::retry_after(&resp).unwrap_or_default(), format!("GET {url}: {s}"))
+                            Attempt::Retry(
+                                Self::retry_after(&resp).unwrap_or_default(),
+                                format!("GET {url}: {s}"),
+                            )
                         }
                         status => return Err(ImdsError::Unexpected { url, status }),
                     },
@@ -136,7 +146,9 @@ impl Imds {
             };
             if let Attempt::Retry(after, why) = attempt {
                 last = why;
-                let wait = after.max(backoff).min(self.deadline.saturating_sub(start.elapsed()));
+                let wait = after
+                    .max(backoff)
+                    .min(self.deadline.saturating_sub(start.elapsed()));
                 std::thread::sleep(wait);
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }

@@ -73,10 +73,18 @@ impl Seed {
         for a in self.admins.iter().flatten() {
             names::check_user(a).map_err(|e| invalid("admins", e.to_string()))?;
         }
-        for (key, lines) in [("known_hosts", &self.known_hosts), ("allowed_signers", &self.allowed_signers)] {
+        for (key, lines) in [
+            ("known_hosts", &self.known_hosts),
+            ("allowed_signers", &self.allowed_signers),
+        ] {
             for l in lines.iter().flatten() {
                 if l.trim().is_empty() || l.contains('\n') || l.split_whitespace().count() < 3 {
-                    return Err(invalid(key, format!("{l:?} is not a line of the form `HOSTS|PRINCIPALS KEYTYPE BASE64KEY`")));
+                    return Err(invalid(
+                        key,
+                        format!(
+                            "{l:?} is not a line of the form `HOSTS|PRINCIPALS KEYTYPE BASE64KEY`"
+                        ),
+                    ));
                 }
             }
         }
@@ -118,7 +126,10 @@ pub enum SourceKind {
     NoCloud,
     /// EC2 instance metadata (IMDSv2), only where the machine is on EC2 or settings name an
     /// endpoint, so that a machine off EC2 never waits on 169.254.169.254.
-    Imds { endpoint: String, deadline: Duration },
+    Imds {
+        endpoint: String,
+        deadline: Duration,
+    },
 }
 
 pub const EC2_IMDS: &str = "http://169.254.169.254";
@@ -126,11 +137,16 @@ pub const EC2_IMDS: &str = "http://169.254.169.254";
 /// Where the sources look, relative to the node's root.
 const DEBCONF_DB: &str = "var/cache/debconf/config.dat";
 const CLOUD_INIT_COPY: &str = "var/lib/cloud/instance/user-data.txt";
-const NOCLOUD_DIRS: [&str; 2] = ["var/lib/cloud/seed/nocloud", "var/lib/cloud/seed/nocloud-net"];
+const NOCLOUD_DIRS: [&str; 2] = [
+    "var/lib/cloud/seed/nocloud",
+    "var/lib/cloud/seed/nocloud-net",
+];
 
 /// Whether DMI says this machine is an EC2 instance (Nitro or Xen).
 pub fn on_ec2(root: &Path) -> bool {
-    let read = |f: &str| std::fs::read_to_string(root.join("sys/class/dmi/id").join(f)).unwrap_or_default();
+    let read = |f: &str| {
+        std::fs::read_to_string(root.join("sys/class/dmi/id").join(f)).unwrap_or_default()
+    };
     read("sys_vendor").trim() == "Amazon EC2"
         || read("board_vendor").trim() == "Amazon EC2"
         || read("product_uuid").to_ascii_lowercase().starts_with("ec2")
@@ -138,7 +154,12 @@ pub fn on_ec2(root: &Path) -> bool {
 }
 
 /// The sources to try, in order.
-pub fn sources(root: &Path, file: Option<&Path>, preseed: Option<&Path>, imds: Option<(String, Duration)>) -> Vec<SourceKind> {
+pub fn sources(
+    root: &Path,
+    file: Option<&Path>,
+    preseed: Option<&Path>,
+    imds: Option<(String, Duration)>,
+) -> Vec<SourceKind> {
     let mut out = Vec::new();
     if let Some(f) = file {
         out.push(SourceKind::File(f.to_owned()));
@@ -146,7 +167,11 @@ pub fn sources(root: &Path, file: Option<&Path>, preseed: Option<&Path>, imds: O
     if let Some(p) = preseed {
         out.push(SourceKind::PreseedFile(p.to_owned()));
     }
-    out.extend([SourceKind::Debconf, SourceKind::CloudInit, SourceKind::NoCloud]);
+    out.extend([
+        SourceKind::Debconf,
+        SourceKind::CloudInit,
+        SourceKind::NoCloud,
+    ]);
     if let Some((endpoint, deadline)) = imds {
         out.push(SourceKind::Imds { endpoint, deadline });
     } else if on_ec2(root) {
@@ -161,7 +186,10 @@ pub fn sources(root: &Path, file: Option<&Path>, preseed: Option<&Path>, imds: O
 /// What one source said.
 #[derive(Debug)]
 pub enum Found {
-    Seed { seed: Seed, origin: String },
+    Seed {
+        seed: Seed,
+        origin: String,
+    },
     /// It had user data, but no troops section in it.
     NoSection(String),
     Nothing(String),
@@ -213,10 +241,12 @@ impl SourceKind {
                 let Some(bytes) = read_optional(&path)? else {
                     return Ok(Found::Nothing(origin));
                 };
-                Ok(match preseed::parse_debconf_db(&String::from_utf8_lossy(&bytes), &origin)? {
-                    Some(seed) => Found::Seed { seed, origin },
-                    None => Found::Nothing(origin),
-                })
+                Ok(
+                    match preseed::parse_debconf_db(&String::from_utf8_lossy(&bytes), &origin)? {
+                        Some(seed) => Found::Seed { seed, origin },
+                        None => Found::Nothing(origin),
+                    },
+                )
             }
             SourceKind::CloudInit => {
                 let path = root.join(CLOUD_INIT_COPY);
@@ -232,7 +262,10 @@ impl SourceKind {
                         return from_userdata(&b, path.display().to_string());
                     }
                 }
-                Ok(Found::Nothing(format!("NoCloud seed ({})", root.join(NOCLOUD_DIRS[0]).display())))
+                Ok(Found::Nothing(format!(
+                    "NoCloud seed ({})",
+                    root.join(NOCLOUD_DIRS[0]).display()
+                )))
             }
             SourceKind::Imds { endpoint, deadline } => {
                 let origin = format!("EC2 user data ({endpoint})");
@@ -255,7 +288,9 @@ pub fn discover(root: &Path, sources: &[SourceKind]) -> Result<(Seed, String), S
                 seed.validate(&origin)?;
                 return Ok((seed, origin));
             }
-            Found::NoSection(origin) => looked.push(format!("{origin} (user data without a troops section)")),
+            Found::NoSection(origin) => {
+                looked.push(format!("{origin} (user data without a troops section)"))
+            }
             Found::Nothing(origin) => looked.push(format!("{origin} (none)")),
         }
     }
@@ -300,11 +335,21 @@ mod tests {
             remotes: [("o".to_string(), "ext::sh".to_string())].into(),
             ..Seed::default()
         };
-        assert!(s.validate("x").unwrap_err().to_string().contains("troops.remotes"));
+        assert!(
+            s.validate("x")
+                .unwrap_err()
+                .to_string()
+                .contains("troops.remotes")
+        );
         let s = Seed {
             known_hosts: Some(vec!["justonefield".into()]),
             ..Seed::default()
         };
-        assert!(s.validate("x").unwrap_err().to_string().contains("troops.known_hosts"));
+        assert!(
+            s.validate("x")
+                .unwrap_err()
+                .to_string()
+                .contains("troops.known_hosts")
+        );
     }
 }

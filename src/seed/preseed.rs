@@ -55,7 +55,13 @@ pub fn from_answers(answers: &[(String, String)], origin: &str) -> Result<Option
             "troops/branch" => seed.branch = Some(v.to_owned()),
             // Host keys have spaces inside; one per `;`.
             "troops/known_hosts" => {
-                seed.known_hosts = Some(v.split(';').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
+                seed.known_hosts = Some(
+                    v.split(';')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(String::from)
+                        .collect(),
+                )
             }
             "troops/verify" => {
                 seed.verify = Some(match v {
@@ -97,7 +103,9 @@ pub fn parse_preseed(text: &str, origin: &str) -> Result<Option<Seed>, SeedError
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let mut fields = line.splitn(4, char::is_whitespace).filter(|f| !f.is_empty());
+        let mut fields = line
+            .splitn(4, char::is_whitespace)
+            .filter(|f| !f.is_empty());
         let (Some(owner), Some(question)) = (fields.next(), fields.next()) else {
             continue;
         };
@@ -107,10 +115,16 @@ pub fn parse_preseed(text: &str, origin: &str) -> Result<Option<Seed>, SeedError
         let rest: Vec<&str> = line.splitn(3, char::is_whitespace).collect();
         let typed = rest.get(2).map(|r| r.trim_start()).unwrap_or("");
         let (kind, value) = typed.split_once(char::is_whitespace).unwrap_or((typed, ""));
-        if !matches!(kind, "string" | "select" | "multiselect" | "boolean" | "note" | "text" | "password") {
+        if !matches!(
+            kind,
+            "string" | "select" | "multiselect" | "boolean" | "note" | "text" | "password"
+        ) {
             return Err(SeedError::Malformed {
                 origin: origin.to_owned(),
-                message: format!("line {}: {question}: expected a debconf type (string, select...), found {kind:?}", n + 1),
+                message: format!(
+                    "line {}: {question}: expected a debconf type (string, select...), found {kind:?}",
+                    n + 1
+                ),
             });
         }
         answers.push((question.to_owned(), value.trim().to_owned()));
@@ -163,13 +177,21 @@ troops troops/verify select tip
 
     #[test]
     fn preseed_errors() {
-        let e = parse_preseed("troops troops/remotez string x=y\n", "p.cfg").unwrap_err().to_string();
+        let e = parse_preseed("troops troops/remotez string x=y\n", "p.cfg")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("p.cfg") && e.contains("troops/remotez"), "{e}");
-        let e = parse_preseed("troops troops/remotes string origin\n", "p.cfg").unwrap_err().to_string();
+        let e = parse_preseed("troops troops/remotes string origin\n", "p.cfg")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("expected NAME=URL"), "{e}");
-        let e = parse_preseed("troops troops/roles strin web\n", "p.cfg").unwrap_err().to_string();
+        let e = parse_preseed("troops troops/roles strin web\n", "p.cfg")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 1"), "{e}");
-        let e = parse_preseed("troops troops/remotes string o=ext::sh\n", "p.cfg").unwrap_err().to_string();
+        let e = parse_preseed("troops troops/remotes string o=ext::sh\n", "p.cfg")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("troops.remotes"), "{e}");
     }
 
@@ -179,6 +201,9 @@ troops troops/verify select tip
         let s = parse_debconf_db(db, "db").unwrap().unwrap();
         assert_eq!(s.remotes["origin"], "git@h:d");
         assert_eq!(s.roles, None);
-        assert_eq!(parse_debconf_db("Name: other/x\nValue: y\n", "db").unwrap(), None);
+        assert_eq!(
+            parse_debconf_db("Name: other/x\nValue: y\n", "db").unwrap(),
+            None
+        );
     }
 }

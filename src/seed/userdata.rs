@@ -31,7 +31,10 @@ pub fn parse(bytes: &[u8], origin: &str) -> Result<Option<Seed>, SeedError> {
 
 fn parse_depth(bytes: &[u8], origin: &str, depth: u32) -> Result<Option<Seed>, SeedError> {
     if depth > 4 {
-        return Err(malformed(origin, "user data nested too deeply (gzip or MIME inside each other)"));
+        return Err(malformed(
+            origin,
+            "user data nested too deeply (gzip or MIME inside each other)",
+        ));
     }
     if bytes.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
@@ -40,22 +43,30 @@ fn parse_depth(bytes: &[u8], origin: &str, depth: u32) -> Result<Option<Seed>, S
             .read_to_end(&mut out)
             .map_err(|e| malformed(origin, format!("bad gzip data: {e}")))?;
         if out.len() as u64 > MAX_SIZE {
-            return Err(malformed(origin, format!("gzip data expands beyond {MAX_SIZE} bytes")));
+            return Err(malformed(
+                origin,
+                format!("gzip data expands beyond {MAX_SIZE} bytes"),
+            ));
         }
         return parse_depth(&out, origin, depth + 1);
     }
     let text = String::from_utf8_lossy(bytes);
     let trimmed = text.trim_start();
-    let head = trimmed.get(..trimmed.len().min(200)).unwrap_or("").to_ascii_lowercase();
+    let head = trimmed
+        .get(..trimmed.len().min(200))
+        .unwrap_or("")
+        .to_ascii_lowercase();
     if head.starts_with("content-type:") || head.starts_with("mime-version:") {
         return parse_mime(bytes, origin, depth);
     }
     if trimmed.starts_with("#cloud-config") {
-        let doc: Document = serde_saphyr::from_str(&text).map_err(|e| malformed(origin, yaml_error(&e.to_string())))?;
+        let doc: Document = serde_saphyr::from_str(&text)
+            .map_err(|e| malformed(origin, yaml_error(&e.to_string())))?;
         return section(doc, origin);
     }
     if trimmed.starts_with('{') {
-        let doc: Document = serde_json::from_str(&text).map_err(|e| malformed(origin, format!("invalid JSON: {e}")))?;
+        let doc: Document = serde_json::from_str(&text)
+            .map_err(|e| malformed(origin, format!("invalid JSON: {e}")))?;
         return section(doc, origin);
     }
     // A shell script, an #include list, cloud-boothook...: not ours.
@@ -74,11 +85,15 @@ fn section(doc: Document, origin: &str) -> Result<Option<Seed>, SeedError> {
 fn yaml_error(message: &str) -> String {
     let first = message.lines().next().unwrap_or(message);
     let first = first.split(" --> ").next().unwrap_or(first);
-    format!("invalid YAML: {}", first.trim().trim_start_matches("error: "))
+    format!(
+        "invalid YAML: {}",
+        first.trim().trim_start_matches("error: ")
+    )
 }
 
 fn parse_mime(bytes: &[u8], origin: &str, depth: u32) -> Result<Option<Seed>, SeedError> {
-    let mail = mailparse::parse_mail(bytes).map_err(|e| malformed(origin, format!("invalid MIME: {e}")))?;
+    let mail = mailparse::parse_mail(bytes)
+        .map_err(|e| malformed(origin, format!("invalid MIME: {e}")))?;
     let mut found: Option<(Seed, String)> = None;
     let mut leaves = Vec::new();
     collect_leaves(&mail, &mut leaves);
@@ -95,7 +110,10 @@ fn parse_mime(bytes: &[u8], origin: &str, depth: u32) -> Result<Option<Seed>, Se
             .map_err(|e| malformed(&part_origin, format!("invalid MIME part: {e}")))?;
         if let Some(seed) = parse_depth(&body, &part_origin, depth + 1)? {
             if let Some((_, first)) = &found {
-                return Err(malformed(origin, format!("two parts carry a troops section: {first} and {name}")));
+                return Err(malformed(
+                    origin,
+                    format!("two parts carry a troops section: {first} and {name}"),
+                ));
             }
             found = Some((seed, name));
         }
@@ -103,7 +121,10 @@ fn parse_mime(bytes: &[u8], origin: &str, depth: u32) -> Result<Option<Seed>, Se
     Ok(found.map(|(s, _)| s))
 }
 
-fn collect_leaves<'a>(mail: &'a mailparse::ParsedMail<'a>, out: &mut Vec<&'a mailparse::ParsedMail<'a>>) {
+fn collect_leaves<'a>(
+    mail: &'a mailparse::ParsedMail<'a>,
+    out: &mut Vec<&'a mailparse::ParsedMail<'a>>,
+) {
     if mail.subparts.is_empty() {
         out.push(mail);
     } else {
@@ -127,9 +148,12 @@ mod tests {
     }
 
     fn mime(parts: &[(&str, &str)]) -> String {
-        let mut s = String::from("Content-Type: multipart/mixed; boundary=\"XX\"\nMIME-Version: 1.0\n\n");
+        let mut s =
+            String::from("Content-Type: multipart/mixed; boundary=\"XX\"\nMIME-Version: 1.0\n\n");
         for (ctype, body) in parts {
-            s.push_str(&format!("--XX\nContent-Type: {ctype}\nMIME-Version: 1.0\n\n{body}\n"));
+            s.push_str(&format!(
+                "--XX\nContent-Type: {ctype}\nMIME-Version: 1.0\n\n{body}\n"
+            ));
         }
         s.push_str("--XX--\n");
         s
@@ -145,37 +169,78 @@ mod tests {
 
     #[test]
     fn json_mime_and_gzip() {
-        let json = r#"{"troops": {"remotes": {"a": "https://git.example.com/d.git"}, "branch": "main"}}"#;
-        assert_eq!(parse(json.as_bytes(), "t").unwrap().unwrap().branch.as_deref(), Some("main"));
+        let json =
+            r#"{"troops": {"remotes": {"a": "https://git.example.com/d.git"}, "branch": "main"}}"#;
+        assert_eq!(
+            parse(json.as_bytes(), "t")
+                .unwrap()
+                .unwrap()
+                .branch
+                .as_deref(),
+            Some("main")
+        );
         assert!(parse(&gzip(json.as_bytes()), "t").unwrap().is_some());
-        let m = mime(&[("text/x-shellscript", "#!/bin/sh\necho hi"), ("text/cloud-config", YAML)]);
-        assert!(parse(m.as_bytes(), "t").unwrap().unwrap().remotes.contains_key("origin"));
+        let m = mime(&[
+            ("text/x-shellscript", "#!/bin/sh\necho hi"),
+            ("text/cloud-config", YAML),
+        ]);
+        assert!(
+            parse(m.as_bytes(), "t")
+                .unwrap()
+                .unwrap()
+                .remotes
+                .contains_key("origin")
+        );
         assert!(parse(&gzip(m.as_bytes()), "t").unwrap().is_some());
     }
 
     #[test]
     fn user_data_without_a_section() {
         assert_eq!(parse(b"#!/bin/sh\necho hi\n", "t").unwrap(), None);
-        assert_eq!(parse(b"#cloud-config\npackages: [git]\n", "t").unwrap(), None);
+        assert_eq!(
+            parse(b"#cloud-config\npackages: [git]\n", "t").unwrap(),
+            None
+        );
         let m = mime(&[("text/x-shellscript", "#!/bin/sh\necho hi")]);
         assert_eq!(parse(m.as_bytes(), "t").unwrap(), None);
     }
 
     #[test]
     fn errors_name_the_source_key_and_place() {
-        let e = parse(b"#cloud-config\ntroops:\n  remotez: {}\n", "seed.yaml").unwrap_err().to_string();
+        let e = parse(b"#cloud-config\ntroops:\n  remotez: {}\n", "seed.yaml")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("seed.yaml:") && e.contains("remotez"), "{e}");
-        let e = parse(b"#cloud-config\ntroops: [\n", "seed.yaml").unwrap_err().to_string();
-        assert_eq!(e, "seed.yaml: invalid YAML: line 2 column 9: expected mapping start");
-        let e = parse(b"{\"troops\": {\"roles\": [1}", "j").unwrap_err().to_string();
-        assert!(e.contains("invalid JSON") && e.contains("line 1 column"), "{e}");
-        let e = parse(b"{\"troops\": {\"verify\": \"sometimes\"}}", "j").unwrap_err().to_string();
+        let e = parse(b"#cloud-config\ntroops: [\n", "seed.yaml")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "seed.yaml: invalid YAML: line 2 column 9: expected mapping start"
+        );
+        let e = parse(b"{\"troops\": {\"roles\": [1}", "j")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("invalid JSON") && e.contains("line 1 column"),
+            "{e}"
+        );
+        let e = parse(b"{\"troops\": {\"verify\": \"sometimes\"}}", "j")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("sometimes"), "{e}");
         let e = parse(&[0x1f, 0x8b, 1, 2, 3], "gz").unwrap_err().to_string();
         assert!(e.contains("bad gzip"), "{e}");
-        let e = parse(b"#cloud-config\ntroops:\n  roles: [\"a b\"]\n", "y").unwrap_err().to_string();
+        let e = parse(b"#cloud-config\ntroops:\n  roles: [\"a b\"]\n", "y")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("troops.roles"), "{e}");
         let two = mime(&[("text/cloud-config", YAML), ("text/cloud-config", YAML)]);
-        assert!(parse(two.as_bytes(), "m").unwrap_err().to_string().contains("two parts"));
+        assert!(
+            parse(two.as_bytes(), "m")
+                .unwrap_err()
+                .to_string()
+                .contains("two parts")
+        );
     }
 }
