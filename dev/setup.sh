@@ -21,7 +21,9 @@ need_apt() {
     fi
 }
 
-need_apt git python3 python3-venv openssh-client procps ca-certificates
+# openssh-server: the tests run a real sshd on a loopback port (never started as a service
+# by them). passwd: useradd/groupadd for throwaway admin users and groups.
+need_apt git python3 python3-venv openssh-client openssh-server passwd procps ca-certificates gzip
 
 if ! command -v cargo >/dev/null; then
     # shellcheck disable=SC1091

@@ -39,6 +39,18 @@ pub struct FetchResult {
     pub fetched: Fetched,
 }
 
+/// A worker's stderr on one line: what ssh said (gix does not capture it, and "Host key
+/// verification failed" is the part an operator needs), then the worker's own error.
+fn summarise(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let mut out = lines.join("; ");
+    if out.len() > 600 {
+        let cut = out.floor_char_boundary(out.len() - 600);
+        out = format!("...{}", &out[cut..]);
+    }
+    out
+}
+
 /// What a `__fetch` worker prints on stdout, and how the parent reads it back.
 pub mod wire {
     use super::*;
@@ -115,9 +127,9 @@ pub fn fetch_all(
             let fetched = match (status, wire::parse(&out)) {
                 (Ok(s), Some(f)) if s.success() => f,
                 (Ok(s), _) => Fetched::Failed {
-                    error: match err.trim() {
-                        "" => format!("fetch exited with {s}"),
-                        e => e.lines().last().unwrap_or(e).to_owned(),
+                    error: match summarise(&err) {
+                        e if e.is_empty() => format!("fetch exited with {s}"),
+                        e => e,
                     },
                 },
                 (Err(e), _) => Fetched::Failed {

@@ -8,3 +8,4 @@ mod bad_input;
 mod deploy;
 mod first_boot;
 mod pull;
+mod ssh;
