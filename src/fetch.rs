@@ -42,7 +42,11 @@ pub struct FetchResult {
 /// A worker's stderr on one line: what ssh said (gix does not capture it, and "Host key
 /// verification failed" is the part an operator needs), then the worker's own error.
 fn summarise(stderr: &str) -> String {
-    let lines: Vec<&str> = stderr.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
     let mut out = lines.join("; ");
     if out.len() > 600 {
         let cut = out.floor_char_boundary(out.len() - 600);

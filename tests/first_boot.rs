@@ -549,3 +549,31 @@ fn parsers_never_panic_on_arbitrary_bytes() {
         }
     }
 }
+
+#[test]
+fn init_pulls_and_deploys_unless_told_not_to() {
+    let world = World::new();
+    let remote = world.bare("origin");
+    let up = world.upstream("src");
+    up.write("deploy.py", &simple_deploy("first-boot"));
+    let head = up.commit("one");
+    up.push(&remote);
+    let node = world.node("n");
+    let seed = world.path("seed.yaml");
+    std::fs::write(&seed, cloud_config(&remote.display().to_string())).unwrap();
+    let out = node
+        .troops(&[
+            "init",
+            "--group",
+            &node.group,
+            "--seed",
+            seed.to_str().unwrap(),
+        ])
+        .ok();
+    assert!(
+        out.stdout.contains("deploying first-boot"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(node.deployed().as_deref(), Some(head.as_str()));
+}

@@ -24,7 +24,10 @@ impl Drop for Sshd {
 impl Sshd {
     pub fn start(world: &World) -> Sshd {
         let sshd = Path::new("/usr/sbin/sshd");
-        assert!(sshd.exists(), "openssh-server is needed: ./dev/test installs it");
+        assert!(
+            sshd.exists(),
+            "openssh-server is needed: ./dev/test installs it"
+        );
         let dir = world.path("sshd");
         std::fs::create_dir_all(&dir).unwrap();
         // The privilege-separation directory sshd insists on.
@@ -37,7 +40,11 @@ impl Sshd {
             .unwrap();
         assert!(made.success());
         std::fs::write(dir.join("authorized_keys"), "").unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let config = format!(
             "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nPidFile {pid}\nAuthorizedKeysFile {ak}\nPermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nLogLevel VERBOSE\n",
             hk = hostkey.display(),
@@ -54,7 +61,11 @@ impl Sshd {
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "sshd did not come up: {}", std::fs::read_to_string(dir.join("sshd.log")).unwrap_or_default());
+            assert!(
+                Instant::now() < deadline,
+                "sshd did not come up: {}",
+                std::fs::read_to_string(dir.join("sshd.log")).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         Sshd { child, port, dir }
@@ -64,12 +75,20 @@ impl Sshd {
     pub fn known_hosts_line(&self) -> String {
         let pubkey = std::fs::read_to_string(self.dir.join("hostkey.pub")).unwrap();
         let mut fields = pubkey.split_whitespace();
-        format!("[127.0.0.1]:{} {} {}", self.port, fields.next().unwrap(), fields.next().unwrap())
+        format!(
+            "[127.0.0.1]:{} {} {}",
+            self.port,
+            fields.next().unwrap(),
+            fields.next().unwrap()
+        )
     }
 
     pub fn authorize(&self, public_key: &str) {
         use std::io::Write;
-        let mut f = std::fs::OpenOptions::new().append(true).open(self.dir.join("authorized_keys")).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.join("authorized_keys"))
+            .unwrap();
         writeln!(f, "{}", public_key.trim()).unwrap();
     }
 
@@ -81,9 +100,23 @@ impl Sshd {
 fn seeded_node(world: &World, name: &str, url: &str, known_hosts: Option<&str>) -> Node {
     let node = world.node(name);
     let seed = world.path(&format!("{name}.json"));
-    let pinned = known_hosts.map(|k| format!(r#", "known_hosts": ["{k}"]"#)).unwrap_or_default();
-    std::fs::write(&seed, format!(r#"{{"troops": {{"remotes": {{"origin": "{url}"}}{pinned}}}}}"#)).unwrap();
-    node.troops(&["init", "--no-pull", "--group", &node.group, "--seed", seed.to_str().unwrap()]).ok();
+    let pinned = known_hosts
+        .map(|k| format!(r#", "known_hosts": ["{k}"]"#))
+        .unwrap_or_default();
+    std::fs::write(
+        &seed,
+        format!(r#"{{"troops": {{"remotes": {{"origin": "{url}"}}{pinned}}}}}"#),
+    )
+    .unwrap();
+    node.troops(&[
+        "init",
+        "--no-pull",
+        "--group",
+        &node.group,
+        "--seed",
+        seed.to_str().unwrap(),
+    ])
+    .ok();
     node
 }
 
@@ -101,8 +134,20 @@ fn a_node_fetches_over_ssh_with_its_own_key_and_pinned_host_key() {
     let node = seeded_node(&world, "pinned", &url, Some(&sshd.known_hosts_line()));
     // Not yet authorised on the server: the fetch fails, and says so.
     let out = node.troops(&["pull"]).failed();
-    assert!(out.stderr.contains("no remote offered branch"), "{}", out.all());
-    assert!(node.remote_report("origin")["problem"].as_str().unwrap().to_lowercase().contains("permission denied"), "{}", node.status());
+    assert!(
+        out.stderr.contains("no remote offered branch"),
+        "{}",
+        out.all()
+    );
+    assert!(
+        node.remote_report("origin")["problem"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("permission denied"),
+        "{}",
+        node.status()
+    );
 
     sshd.authorize(&node.troops(&["key"]).ok().stdout);
     // The caller's environment does not change how ssh runs.
@@ -130,15 +175,31 @@ fn a_host_whose_key_is_not_pinned_is_refused() {
     up.push(&remote);
     // Pinned to some other host key.
     let other = world.path("otherkey");
-    Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&other).status().unwrap();
+    Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&other)
+        .status()
+        .unwrap();
     let other_pub = std::fs::read_to_string(other.with_extension("pub")).unwrap();
     let mut f = other_pub.split_whitespace();
-    let wrong = format!("[127.0.0.1]:{} {} {}", sshd.port, f.next().unwrap(), f.next().unwrap());
+    let wrong = format!(
+        "[127.0.0.1]:{} {} {}",
+        sshd.port,
+        f.next().unwrap(),
+        f.next().unwrap()
+    );
     let node = seeded_node(&world, "wrong-pin", &sshd.url(&remote), Some(&wrong));
     sshd.authorize(&node.troops(&["key"]).ok().stdout);
     node.troops(&["pull"]).failed();
-    let problem = node.remote_report("origin")["problem"].as_str().unwrap().to_owned();
-    assert!(problem.contains("Host key verification failed") || problem.to_lowercase().contains("host key"), "{problem}");
+    let problem = node.remote_report("origin")["problem"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        problem.contains("Host key verification failed")
+            || problem.to_lowercase().contains("host key"),
+        "{problem}"
+    );
     assert_eq!(node.deployed(), None);
 
     // With nothing pinned, the first key seen is accepted and remembered.
@@ -146,5 +207,8 @@ fn a_host_whose_key_is_not_pinned_is_refused() {
     sshd.authorize(&node.troops(&["key"]).ok().stdout);
     node.troops(&["pull"]).ok();
     let known = node.read("var/lib/troops/ssh/known_hosts").unwrap();
-    assert!(known.contains(&format!("[127.0.0.1]:{}", sshd.port)), "{known}");
+    assert!(
+        known.contains(&format!("[127.0.0.1]:{}", sshd.port)),
+        "{known}"
+    );
 }

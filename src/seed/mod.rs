@@ -353,3 +353,47 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod examples {
+    //! The examples in cloud-init/ are what operators copy: each must parse as written.
+    use std::path::Path;
+
+    fn example(name: &str) -> Vec<u8> {
+        std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("cloud-init")
+                .join(name),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn every_example_parses() {
+        for name in ["user-data.yaml", "user-data.json", "user-data.mime"] {
+            let seed = super::userdata::parse(&example(name), name)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|| panic!("{name} has no troops section"));
+            assert_eq!(
+                seed.remotes["origin"], "git@repos.example.com:deploy",
+                "{name}"
+            );
+            assert_eq!(seed.roles, Some(vec!["web".to_string()]), "{name}");
+        }
+        let text = String::from_utf8(example("preseed.cfg")).unwrap();
+        let seed = super::preseed::parse_preseed(&text, "preseed.cfg")
+            .unwrap()
+            .unwrap();
+        assert_eq!(seed.remotes.len(), 2);
+        assert_eq!(seed.known_hosts.as_ref().map(Vec::len), Some(1));
+        // autoinstall carries flags, not a troops section; it must be valid YAML that runs init
+        // in the target.
+        let auto: serde_json::Value =
+            serde_saphyr::from_slice(&example("autoinstall.yaml")).unwrap();
+        let late = auto["autoinstall"]["late-commands"][0].as_str().unwrap();
+        assert!(
+            late.starts_with("curtin in-target -- troops init --no-pull --remote origin="),
+            "{late}"
+        );
+    }
+}
