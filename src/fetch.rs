@@ -48,9 +48,9 @@ fn summarise(stderr: &str) -> String {
         .filter(|l| !l.is_empty())
         .collect();
     let mut out = lines.join("; ");
-    if out.len() > 600 {
-        let cut = out.floor_char_boundary(out.len() - 600);
-        out = format!("...{}", &out[cut..]);
+    let chars = out.chars().count();
+    if chars > 600 {
+        out = format!("...{}", out.chars().skip(chars - 600).collect::<String>());
     }
     out
 }

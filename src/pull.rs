@@ -27,6 +27,12 @@ pub enum PullError {
     Repo(#[from] RepoError),
     #[error(transparent)]
     Deploy(#[from] deploy::DeployError),
+    /// Fail safe until signature checks exist: a node told to verify must never deploy
+    /// what it could not check.
+    #[error(
+        "verify = {0:?} is set, but signature verification is not built yet; refusing to take unverified commits (set verify = \"none\" to pull anyway)"
+    )]
+    VerifyUnavailable(crate::settings::Verify),
     #[error("failed to write {path}: {source}")]
     State {
         path: String,
@@ -103,6 +109,9 @@ fn save_json<T: Serialize>(path: &Path, value: &T) -> Result<(), PullError> {
 pub fn pull(node: &Node, exe: &Path, out: &mut dyn Output) -> Result<PullOutcome, PullError> {
     let layout = &node.layout;
     let settings = &node.settings;
+    if settings.verify != crate::settings::Verify::None {
+        return Err(PullError::VerifyUnavailable(settings.verify));
+    }
     let repo = Repo::open(&layout.repo())?;
     let remotes = repo.remotes();
     if remotes.is_empty() {

@@ -155,11 +155,12 @@ pub fn run(root: &Path, args: &Args, stdout_is_journal: bool) -> Result<u8> {
     drop(lock);
     // The first pull may well fail (the git server does not know the node's key yet); init
     // itself succeeded, and the timer will pull again.
+    let hint =
+        "authorise the node's key (`troops key`) if the remote needs it; the timer pulls again";
     match super::pull::run(root, stdout_is_journal) {
         Ok(0) => {}
-        Ok(_) | Err(_) => eprintln!(
-            "troops: the first pull did not deploy; authorise the node's key (`troops key`) if the remote needs it; the timer pulls again"
-        ),
+        Ok(_) => eprintln!("troops: the first pull did not deploy; {hint}"),
+        Err(e) => eprintln!("troops: the first pull failed: {e:#}; {hint}"),
     }
     Ok(0)
 }
