@@ -57,20 +57,25 @@ fn assert_seeded(node: &Node, remote: &str) {
     assert!(node.path("var/lib/troops/ssh/id_rsa").exists());
 }
 
+/// The same troops section in every user-data format.
+fn formats(remote: &str) -> Vec<(&'static str, Vec<u8>)> {
+    let yaml = cloud_config(remote);
+    vec![
+        ("cloud-config", yaml.clone().into_bytes()),
+        ("json", json(remote).into_bytes()),
+        ("mime", mime(&yaml).into_bytes()),
+        ("gzip-cloud-config", gzip(yaml.as_bytes())),
+        ("gzip-json", gzip(json(remote).as_bytes())),
+        ("gzip-mime", gzip(mime(&yaml).as_bytes())),
+    ]
+}
+
 #[test]
 fn every_user_data_format_through_init_seed() {
     let world = World::new();
     let remote = world.bare("origin");
     let r = remote.display().to_string();
-    let yaml = cloud_config(&r);
-    let formats: Vec<(&str, Vec<u8>)> = vec![
-        ("cloud-config", yaml.clone().into_bytes()),
-        ("json", json(&r).into_bytes()),
-        ("mime", mime(&yaml).into_bytes()),
-        ("gzip-cloud-config", gzip(yaml.as_bytes())),
-        ("gzip-mime", gzip(mime(&yaml).as_bytes())),
-    ];
-    for (name, bytes) in formats {
+    for (name, bytes) in formats(&r) {
         let node = world.node(name);
         let seed = world.path(&format!("{name}.seed"));
         std::fs::write(&seed, bytes).unwrap();
@@ -86,19 +91,31 @@ fn every_user_data_format_through_init_seed() {
 }
 
 #[test]
-fn a_nocloud_seed_dir_the_cloud_init_copy_and_debconf_answers_are_found() {
+fn every_user_data_format_through_a_nocloud_seed_dir() {
     let world = World::new();
     let remote = world.bare("origin");
     let r = remote.display().to_string();
+    for (name, bytes) in formats(&r) {
+        let node = world.node(name);
+        let dir = node.path("var/lib/cloud/seed/nocloud");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("meta-data"), "instance-id: iid-test\n").unwrap();
+        std::fs::write(dir.join("user-data"), bytes).unwrap();
+        let out = init(&node, &[]).ok();
+        assert!(
+            out.stdout.contains("nocloud/user-data"),
+            "{name}: {}",
+            out.stdout
+        );
+        assert_seeded(&node, &r);
+    }
+}
 
-    let node = world.node("nocloud");
-    let dir = node.path("var/lib/cloud/seed/nocloud");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("meta-data"), "instance-id: iid-test\n").unwrap();
-    std::fs::write(dir.join("user-data"), mime(&cloud_config(&r))).unwrap();
-    let out = init(&node, &[]).ok();
-    assert!(out.stdout.contains("nocloud/user-data"), "{}", out.stdout);
-    assert_seeded(&node, &r);
+#[test]
+fn the_cloud_init_copy_and_debconf_answers_are_found() {
+    let world = World::new();
+    let remote = world.bare("origin");
+    let r = remote.display().to_string();
 
     let node = world.node("cloud-init-copy");
     let copy = node.path("var/lib/cloud/instance/user-data.txt");
