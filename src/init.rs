@@ -48,6 +48,8 @@ pub struct Request {
     pub python: Option<PathBuf>,
     pub group: Option<String>,
     pub imds: Option<String>,
+    /// The program the repo's hooks run (this one).
+    pub exe: PathBuf,
 }
 
 /// What init will do; `changes` says it in words.
@@ -62,12 +64,28 @@ pub struct Plan {
     files: Vec<(PathBuf, String, u32)>,
     create_group: bool,
     admins: Vec<String>,
+    /// Hooks to (re)write in the repo: name and script.
+    hooks: Vec<(&'static str, String)>,
 }
 
 impl Plan {
     pub fn is_empty(&self) -> bool {
         self.changes.is_empty()
     }
+}
+
+/// `'…'` for sh, whatever the path holds.
+fn sh_quote(p: &Path) -> String {
+    format!("'{}'", p.display().to_string().replace('\'', "'\\''"))
+}
+
+/// The hook scripts: each hands the push to `troops hook`, under this node's root.
+pub fn hook_script(exe: &Path, root: &Path, which: &str) -> String {
+    format!(
+        "#!/bin/sh\n# Installed by `troops init`, which rewrites it: a push to this node goes through troops.\nexec {} --root {} hook {which}\n",
+        sh_quote(exe),
+        sh_quote(root)
+    )
 }
 
 fn list(v: &[String]) -> String {
@@ -230,6 +248,18 @@ pub fn plan(layout: &Layout, req: &Request) -> Result<Plan, InitError> {
         );
     }
 
+    let mut hooks = Vec::new();
+    for which in ["pre-receive", "post-receive"] {
+        let script = hook_script(&req.exe, layout.root(), which);
+        let path = repo_path.join("hooks").join(which);
+        if fs::read_to_string(&path).ok().as_deref() != Some(script.as_str()) {
+            if !new_repo {
+                changes.push(format!("repository: install hook {which}"));
+            }
+            hooks.push((which, script));
+        }
+    }
+
     let group = settings.admin_group.clone();
     let create_group = accounts::group_gid(&group)?.is_none();
     if create_group {
@@ -257,6 +287,7 @@ pub fn plan(layout: &Layout, req: &Request) -> Result<Plan, InitError> {
         files,
         create_group,
         admins,
+        hooks,
     })
 }
 
@@ -385,6 +416,16 @@ fn stage_and_commit(
     for (path, contents, mode) in &plan.files {
         staged.push(StagedFile::write(path, contents.as_bytes(), *mode)?);
     }
+    let mut hook_files = Vec::new();
+    if !plan.new_repo {
+        for (which, script) in &plan.hooks {
+            hook_files.push(StagedFile::write(
+                &layout.repo().join("hooks").join(which),
+                script.as_bytes(),
+                0o755,
+            )?);
+        }
+    }
     let settings_file = if plan.write_settings {
         Some(StagedFile::write(
             &layout.settings_file(),
@@ -402,6 +443,11 @@ fn stage_and_commit(
         let _ = fs::remove_dir_all(&aside);
         let mut repo = Repo::create(&aside)?;
         repo.configure(&plan.remotes, &config)?;
+        for (which, script) in &plan.hooks {
+            let path = aside.join("hooks").join(which);
+            fsutil::create_dirs(&aside.join("hooks"), 0o755).map_err(io_err(&path))?;
+            StagedFile::write(&path, script.as_bytes(), 0o755)?.commit()?;
+        }
         share_with_group(&aside, gid)?;
         Some(aside)
     } else {
@@ -415,7 +461,7 @@ fn stage_and_commit(
     if let Some(k) = key {
         k.commit()?;
     }
-    for f in &staged {
+    for f in staged.iter().chain(&hook_files) {
         f.commit()?;
     }
     match new_repo {

@@ -3,9 +3,11 @@
 
 pub mod accounts;
 pub mod backoff;
+pub mod daemon;
 pub mod deploy;
 pub mod fetch;
 pub mod fsutil;
+pub mod hook;
 pub mod init;
 pub mod keys;
 pub mod lock;

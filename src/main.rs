@@ -68,6 +68,8 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
         Command::Log(args) => cli::log::run(root, args),
         Command::Run(args) => cli::run::run(root, args),
         Command::Fetch(args) => cli::fetch_worker::run(root, args),
+        Command::Serve => cli::serve::run(root),
+        Command::Hook(args) => cli::hook::run(root, args),
     }
 }
 

@@ -88,6 +88,39 @@ pub struct PullOutcome {
     pub run: Option<RunRecord>,
 }
 
+impl PullOutcome {
+    /// The exit status and one line a person reads: 0 when the node is where it should be.
+    pub fn verdict(&self) -> (u8, String) {
+        let report = &self.report;
+        if report.all_remotes_failed() {
+            return (
+                1,
+                format!(
+                    "no remote offered branch {} (unreachable, or no such branch); see `troops status`",
+                    report.branch
+                ),
+            );
+        }
+        if let Some(run) = &self.run {
+            return run.verdict();
+        }
+        let at = report.from.map_or("nothing".into(), |c| c.short());
+        if !report.disagree.is_empty() {
+            return (
+                1,
+                format!(
+                    "remotes {} disagree; staying at {at}",
+                    report.disagree.join(" and ")
+                ),
+            );
+        }
+        match &report.waiting {
+            Some(w) => (0, w.clone()),
+            None => (0, format!("up to date at {at}")),
+        }
+    }
+}
+
 fn load_retry(layout: &Layout) -> Option<RetryState> {
     serde_json::from_slice(&std::fs::read(layout.retry_state()).ok()?).ok()
 }
@@ -200,14 +233,6 @@ pub fn pull(node: &Node, exe: &Path, out: &mut dyn Output) -> Result<PullOutcome
         });
     }
 
-    if !decision.disagree.is_empty() {
-        let msg = format!(
-            "remotes {} disagree: their tips diverge from each other; staying at {}",
-            decision.disagree.join(" and "),
-            local.map_or("nothing".into(), |l| l.short())
-        );
-        tracing::warn!("{msg}");
-    }
     // Staged rollout and signature checks will narrow `decision.target` here to the newest
     // commit on the way that they allow.
     if let Some(t) = decision.target {
@@ -246,7 +271,6 @@ pub fn pull(node: &Node, exe: &Path, out: &mut dyn Output) -> Result<PullOutcome
                     head.short(),
                     retry.as_ref().map_or(0, |r| r.failures)
                 );
-                out.line(&format!("troops: {msg}"));
                 report.waiting = Some(msg);
             }
             None => {

@@ -82,6 +82,33 @@ pub enum RepoError {
 }
 
 /// The whole chain of a gix error on one line: gix nests the useful part deep.
+/// Ancestry as git's own CLI sees it from inside a hook: receive-pack keeps a push's objects
+/// in a quarantine that only git (through the environment it sets) can see, gix cannot.
+pub fn hook_is_ancestor(ancestor: CommitId, descendant: CommitId) -> Result<bool, RepoError> {
+    let status = std::process::Command::new("git")
+        .args([
+            "merge-base",
+            "--is-ancestor",
+            &ancestor.to_string(),
+            &descendant.to_string(),
+        ])
+        .status()
+        .map_err(|e| RepoError::Git {
+            path: ".".into(),
+            what: "run git merge-base".into(),
+            message: e.to_string(),
+        })?;
+    match status.code() {
+        Some(0) => Ok(true),
+        Some(1) => Ok(false),
+        _ => Err(RepoError::Git {
+            path: ".".into(),
+            what: format!("check whether {ancestor} is an ancestor of {descendant}"),
+            message: format!("git merge-base exited with {status}"),
+        }),
+    }
+}
+
 fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();

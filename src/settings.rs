@@ -82,6 +82,8 @@ pub struct Settings {
     pub imds: Option<String>,
     /// Seconds IMDS may take, retries included, before init gives up on it.
     pub imds_deadline: u64,
+    /// Whether a push may update refs other than the followed branch.
+    pub allow_other_refs: bool,
 }
 
 impl Default for Settings {
@@ -100,6 +102,7 @@ impl Default for Settings {
             verify: Verify::None,
             imds: None,
             imds_deadline: 120,
+            allow_other_refs: false,
         }
     }
 }

@@ -119,6 +119,7 @@ pub fn run(root: &Path, args: &Args, stdout_is_journal: bool) -> Result<u8> {
         python: args.python.clone(),
         group: args.group.clone(),
         imds: args.imds.clone(),
+        exe: std::env::current_exe().context("failed to find this program for the repo's hooks")?,
     };
 
     let plan = init::plan(&layout, &request)?;

@@ -3,11 +3,13 @@
 
 pub mod deploy;
 pub mod fetch_worker;
+pub mod hook;
 pub mod init;
 pub mod key;
 pub mod log;
 pub mod pull;
 pub mod run;
+pub mod serve;
 pub mod status;
 
 use std::io::Write;
@@ -51,6 +53,10 @@ pub enum Command {
     Log(log::Args),
     /// Run a working copy's deploy.py locally, with no node state.
     Run(run::Args),
+    /// The daemon that runs deploys for the admin group (socket-activated by troops.socket).
+    Serve,
+    /// What the bare repo's hooks run for a git push.
+    Hook(hook::Args),
     #[command(name = "__fetch", hide = true)]
     Fetch(fetch_worker::Args),
 }
@@ -100,13 +106,15 @@ pub fn run_summary(r: &troops::deploy::record::RunRecord) -> String {
 
 /// The exit status for a finished run, saying why on stderr when it failed.
 pub fn run_exit(run: &troops::deploy::record::RunRecord) -> u8 {
-    if run.result == troops::deploy::record::Outcome::Success {
-        return 0;
+    let (code, summary) = run.verdict();
+    if code != 0 {
+        eprintln!("troops: error: {summary}");
     }
-    eprintln!(
-        "troops: error: run {}: {}",
-        run.id,
-        run.error.as_deref().unwrap_or("deploy failed")
-    );
-    1
+    code
+}
+
+/// Whether this process may run a deploy itself; everyone else asks the root daemon.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }

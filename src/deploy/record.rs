@@ -61,6 +61,31 @@ pub struct RunRecord {
     pub output: PathBuf,
 }
 
+impl RunRecord {
+    /// The exit status and the one line that ends a run: what a pusher sees last.
+    pub fn verdict(&self) -> (u8, String) {
+        match self.result {
+            Outcome::Success => (
+                0,
+                format!(
+                    "run {}: deployed {} in {:.1}s",
+                    self.id,
+                    self.commit.short(),
+                    self.duration_ms as f64 / 1000.0
+                ),
+            ),
+            _ => (
+                1,
+                format!(
+                    "run {}: {}",
+                    self.id,
+                    self.error.as_deref().unwrap_or("deploy failed")
+                ),
+            ),
+        }
+    }
+}
+
 pub struct RunStore {
     dir: PathBuf,
 }

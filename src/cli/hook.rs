@@ -1,0 +1,98 @@
+//! `troops hook pre-receive|post-receive`: what the bare repo's hooks run for a `git push`.
+//! Everything printed here reaches the pusher as `remote:` lines.
+
+use std::io::{Read, Write};
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use troops::daemon::{self, client, protocol::Reply, protocol::Request};
+use troops::hook;
+use troops::node::Node;
+use troops::repo;
+use troops::settings::Verify;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[arg(value_enum)]
+    which: Which,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Which {
+    PreReceive,
+    PostReceive,
+}
+
+pub fn run(root: &Path, args: &Args) -> Result<u8> {
+    let mut input = String::new();
+    std::io::stdin()
+        .read_to_string(&mut input)
+        .context("failed to read the hook's input")?;
+    let updates = hook::parse_updates(&input).map_err(anyhow::Error::msg)?;
+    let node = Node::open(root)?;
+    match args.which {
+        Which::PreReceive => pre_receive(&node, &updates),
+        Which::PostReceive => post_receive(&node, &updates),
+    }
+}
+
+fn pre_receive(node: &Node, updates: &[hook::Update]) -> Result<u8> {
+    let settings = &node.settings;
+    if settings.verify != Verify::None {
+        eprintln!(
+            "troops: refused: verify = {:?} is set, but signature checks are not built yet",
+            settings.verify
+        );
+        return Ok(1);
+    }
+    for u in updates {
+        let check = hook::check(u, &settings.branch, settings.allow_other_refs, |a, b| {
+            repo::hook_is_ancestor(a, b).unwrap_or(false)
+        });
+        if let Err(why) = check {
+            eprintln!("troops: refused: {why}");
+            return Ok(1);
+        }
+    }
+    Ok(0)
+}
+
+fn post_receive(node: &Node, updates: &[hook::Update]) -> Result<u8> {
+    let tracked = format!("refs/heads/{}", node.settings.branch);
+    if !updates
+        .iter()
+        .any(|u| u.reference == tracked && u.new.is_some())
+    {
+        return Ok(0);
+    }
+    let socket = daemon::socket_path(&node.layout);
+    relay(&socket, Request::Push).or_else(|e| match e.downcast_ref::<client::ClientError>() {
+        Some(client::ClientError::NotListening(_)) => {
+            println!(
+                "troops: no troops daemon is running here; the deploy will happen at the next pull"
+            );
+            Ok(0)
+        }
+        _ => Err(e),
+    })
+}
+
+/// Ask the daemon and print its replies as they come: output on stdout, progress on stderr,
+/// the summary last. Used by the hook and by `troops deploy|pull` run by a non-root admin.
+pub fn relay(socket: &Path, request: Request) -> Result<u8> {
+    let (code, summary) = client::request(socket, request, |reply| match reply {
+        Reply::Out(line) => {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        }
+        Reply::Info(info) => eprintln!("troops: {info}"),
+        _ => {}
+    })?;
+    if code == 0 {
+        println!("troops: {summary}");
+    } else {
+        println!("troops: FAILED: {summary}");
+    }
+    Ok(code)
+}

@@ -1,0 +1,286 @@
+//! `troops serve`: the root daemon that runs deploys and pulls for the admin group's members
+//! (a pusher's post-receive hook, `troops deploy` run by a non-root admin). One socket,
+//! `/run/troops/troops.sock` (root:troops, 0660), socket-activated by systemd or bound here;
+//! peer credentials checked on every connection; each connection on its own thread, so a
+//! slow client never holds up another; every run under the node lock, like the timer's.
+
+pub mod client;
+pub mod protocol;
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::accounts;
+use crate::node::Node;
+use crate::paths::Layout;
+use protocol::{MAX_REQUEST, Reply, Request};
+
+/// Lines keep flowing at least this often, so ssh and git keep a long deploy's session.
+pub const KEEPALIVE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("another daemon already listens on {0}")]
+    Running(PathBuf),
+    #[error("admin group {0:?} does not exist (run `troops init`)")]
+    NoGroup(String),
+    #[error(transparent)]
+    Account(#[from] accounts::AccountError),
+}
+
+pub fn socket_path(layout: &Layout) -> PathBuf {
+    layout.run_dir().join("troops.sock")
+}
+
+/// The socket systemd passed (LISTEN_FDS, for troops.socket), if it passed one to us.
+fn activated() -> Option<UnixListener> {
+    let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
+    let fds: i32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
+    if pid != std::process::id() || fds < 1 {
+        return None;
+    }
+    // SAFETY: fd 3 is the first passed socket, ours by the sd_listen_fds protocol; nothing
+    // else in this process owns it.
+    let listener = unsafe { UnixListener::from_raw_fd(3) };
+    // SAFETY: single-threaded at this point; children must not think the socket is theirs.
+    unsafe {
+        std::env::remove_var("LISTEN_PID");
+        std::env::remove_var("LISTEN_FDS");
+        std::env::remove_var("LISTEN_FDNAMES");
+    }
+    Some(listener)
+}
+
+/// The listening socket: systemd's, or one bound at `socket_path` for root and `group`.
+pub fn listen(layout: &Layout, group: &str) -> Result<(UnixListener, bool), DaemonError> {
+    if let Some(l) = activated() {
+        return Ok((l, true));
+    }
+    let path = socket_path(layout);
+    let io_err = |source| DaemonError::Io {
+        path: path.clone(),
+        source,
+    };
+    let gid = accounts::group_gid(group)?.ok_or_else(|| DaemonError::NoGroup(group.to_owned()))?;
+    crate::fsutil::create_dirs(&layout.run_dir(), 0o755).map_err(io_err)?;
+    if path.exists() {
+        if UnixStream::connect(&path).is_ok() {
+            return Err(DaemonError::Running(path));
+        }
+        // Left by a daemon that died: nobody answers on it.
+        std::fs::remove_file(&path).map_err(io_err)?;
+    }
+    let listener = UnixListener::bind(&path).map_err(io_err)?;
+    std::os::unix::fs::chown(&path, Some(0), Some(gid)).map_err(io_err)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).map_err(io_err)?;
+    Ok((listener, false))
+}
+
+/// Who is on the other end: uid from SO_PEERCRED, which the kernel vouches for.
+fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, which is that big.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+fn user_name(uid: u32) -> Option<String> {
+    let out = std::process::Command::new("getent")
+        .args(["passwd", &uid.to_string()])
+        .output()
+        .ok()?;
+    let line = String::from_utf8_lossy(&out.stdout);
+    line.split(':')
+        .next()
+        .filter(|n| !n.is_empty())
+        .map(|n| n.trim().to_owned())
+}
+
+/// Serve forever. `exe` is this program (for the pull's fetch workers).
+pub fn serve(listener: UnixListener, root: PathBuf, exe: PathBuf) -> ! {
+    for conn in listener.incoming() {
+        match conn {
+            Ok(stream) => {
+                let (root, exe) = (root.clone(), exe.clone());
+                std::thread::spawn(move || handle(stream, &root, &exe));
+            }
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    unreachable!("incoming() never ends")
+}
+
+/// Read the request line, refusing more than MAX_REQUEST bytes and a client that sends
+/// nothing for 10 s.
+fn read_request(stream: &UnixStream) -> Result<Request, String> {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let mut line = Vec::new();
+    let mut reader = BufReader::new(stream).take(MAX_REQUEST as u64 + 1);
+    reader
+        .read_until(b'\n', &mut line)
+        .map_err(|e| format!("no request: {e}"))?;
+    if line.len() > MAX_REQUEST {
+        return Err(format!("request too long (at most {MAX_REQUEST} bytes)"));
+    }
+    let text = std::str::from_utf8(&line).map_err(|_| "request is not UTF-8".to_string())?;
+    if !text.ends_with('\n') {
+        return Err("request must end with a newline".into());
+    }
+    Request::parse(text)
+}
+
+fn send(stream: &mut UnixStream, reply: &Reply) -> bool {
+    stream.write_all(reply.encode().as_bytes()).is_ok()
+}
+
+fn handle(mut stream: UnixStream, root: &Path, exe: &Path) {
+    let uid = match peer_uid(&stream) {
+        Ok(uid) => uid,
+        Err(e) => {
+            tracing::warn!("refused a connection: no peer credentials: {e}");
+            return;
+        }
+    };
+    let node = match Node::open(root) {
+        Ok(n) => n,
+        Err(e) => {
+            send(&mut stream, &Reply::Error(e.to_string()));
+            return;
+        }
+    };
+    let group = node.settings.admin_group.clone();
+    let user = user_name(uid).unwrap_or_else(|| format!("uid {uid}"));
+    let allowed = uid == 0 || accounts::is_member(&user, &group).unwrap_or(false);
+    if !allowed {
+        tracing::warn!(
+            uid,
+            "refused {user} (uid {uid}): not root and not in group {group}"
+        );
+        send(
+            &mut stream,
+            &Reply::Error(format!("{user} is not in group {group}")),
+        );
+        return;
+    }
+    let request = match read_request(&stream) {
+        Ok(r) => r,
+        Err(why) => {
+            tracing::warn!(uid, "bad request from {user}: {why}");
+            send(&mut stream, &Reply::Error(why));
+            return;
+        }
+    };
+    tracing::info!(uid, "{} requested by {user}", request.name());
+    run_request(stream, node, request, &user, exe);
+}
+
+/// Run the request on this thread; a writer thread relays its output and keeps the line
+/// alive. A client that hangs up does not stop a run that has begun.
+fn run_request(stream: UnixStream, node: Node, request: Request, user: &str, exe: &Path) {
+    let (tx, rx) = mpsc::channel::<Reply>();
+    let writer = std::thread::spawn(move || {
+        let mut stream = stream;
+        let mut alive = true;
+        let started = Instant::now();
+        loop {
+            match rx.recv_timeout(KEEPALIVE) {
+                Ok(reply) => {
+                    let last = matches!(reply, Reply::Done { .. });
+                    alive = alive && send(&mut stream, &reply);
+                    if last {
+                        break;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let info =
+                        Reply::Info(format!("still running ({}s)", started.elapsed().as_secs()));
+                    alive = alive && send(&mut stream, &info);
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+    });
+    let result = {
+        let lock_tx = tx.clone();
+        let lock = crate::lock::acquire(&node.layout.lock_file(), || {
+            let _ = lock_tx.send(Reply::Info(
+                "waiting for another troops run to finish".into(),
+            ));
+        });
+        let mut out = |line: &str| {
+            let _ = tx.send(Reply::Out(line.to_owned()));
+        };
+        match lock {
+            Err(e) => Err(format!(
+                "failed to lock {}: {e}",
+                node.layout.lock_file().display()
+            )),
+            Ok(_lock) => match request {
+                Request::Deploy | Request::Push => {
+                    let trigger = format!("{} by {user}", request.name());
+                    crate::pull::deploy_head(&node, &trigger, &mut out)
+                        .map(|run| run.verdict())
+                        .map_err(|e| format!("{e:#}"))
+                }
+                Request::Pull => crate::pull::pull(&node, exe, &mut out)
+                    .map(|o| o.verdict())
+                    .map_err(|e| e.to_string()),
+                Request::Status => status_line(&node),
+            },
+        }
+    };
+    let (code, summary) = result.unwrap_or_else(|e| (1, e));
+    let _ = tx.send(Reply::Done { code, summary });
+    drop(tx);
+    let _ = writer.join();
+}
+
+fn status_line(node: &Node) -> Result<(u8, String), String> {
+    let repo = crate::repo::Repo::open(&node.layout.repo()).map_err(|e| e.to_string())?;
+    let branch = &node.settings.branch;
+    let head = repo
+        .ref_target(&format!("refs/heads/{branch}"))
+        .map_err(|e| e.to_string())?;
+    let deployed = repo
+        .ref_target(crate::deploy::DEPLOYED_REF)
+        .map_err(|e| e.to_string())?;
+    let short = |c: Option<crate::repo::CommitId>| c.map_or("(none)".into(), |c| c.short());
+    Ok((
+        0,
+        format!(
+            "branch {branch} at {}, deployed {}",
+            short(head),
+            short(deployed)
+        ),
+    ))
+}
