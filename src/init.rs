@@ -66,6 +66,8 @@ pub struct Plan {
     admins: Vec<String>,
     /// Hooks to (re)write in the repo: name and script.
     hooks: Vec<(&'static str, String)>,
+    /// Mark the repo safe for every user in the system git config.
+    trust: bool,
 }
 
 impl Plan {
@@ -260,6 +262,15 @@ pub fn plan(layout: &Layout, req: &Request) -> Result<Plan, InitError> {
         }
     }
 
+    let trust = !crate::repo::trusted_for_all(&layout.system_gitconfig(), &repo_path);
+    if trust {
+        changes.push(format!(
+            "git: trust {} for pushers (safe.directory in {})",
+            repo_path.display(),
+            layout.system_gitconfig().display()
+        ));
+    }
+
     let group = settings.admin_group.clone();
     let create_group = accounts::group_gid(&group)?.is_none();
     if create_group {
@@ -288,6 +299,7 @@ pub fn plan(layout: &Layout, req: &Request) -> Result<Plan, InitError> {
         create_group,
         admins,
         hooks,
+        trust,
     })
 }
 
@@ -475,6 +487,9 @@ fn stage_and_commit(
             }
             share_with_group(&layout.repo(), gid)?;
         }
+    }
+    if plan.trust {
+        crate::repo::trust_for_all(&layout.system_gitconfig(), &layout.repo())?;
     }
     // Settings last: a node with settings is a node that finished init.
     if let Some(f) = settings_file {

@@ -30,6 +30,10 @@ impl Layout {
     pub fn state_dir(&self) -> PathBuf {
         self.under("var/lib/troops")
     }
+    /// The system git config: where the repo is marked safe for pushers.
+    pub fn system_gitconfig(&self) -> PathBuf {
+        self.under("etc/gitconfig")
+    }
     pub fn ssh_dir(&self) -> PathBuf {
         self.under("var/lib/troops/ssh")
     }

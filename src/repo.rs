@@ -82,6 +82,45 @@ pub enum RepoError {
 }
 
 /// The whole chain of a gix error on one line: gix nests the useful part deep.
+/// Whether `config` (a system gitconfig) trusts `repo` for every user. git refuses to work
+/// in a repository another user owns (safe.directory) unless the system config says so; a
+/// pusher's receive-pack runs as the pusher in the root-owned node repo.
+pub fn trusted_for_all(config: &Path, repo: &Path) -> bool {
+    std::process::Command::new("git")
+        .arg("config")
+        .arg("--file")
+        .arg(config)
+        .args(["--get-all", "safe.directory"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| Path::new(l.trim()) == repo)
+        })
+        .unwrap_or(false)
+}
+
+/// Add `repo` to `config`'s safe.directory list (git writes the file under a lock).
+pub fn trust_for_all(config: &Path, repo: &Path) -> Result<(), RepoError> {
+    let fail = |message: String| RepoError::Git {
+        path: config.to_owned(),
+        what: format!("add {} to safe.directory", repo.display()),
+        message,
+    };
+    let out = std::process::Command::new("git")
+        .arg("config")
+        .arg("--file")
+        .arg(config)
+        .args(["--add", "safe.directory"])
+        .arg(repo)
+        .output()
+        .map_err(|e| fail(e.to_string()))?;
+    if !out.status.success() {
+        return Err(fail(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
+    }
+    Ok(())
+}
+
 /// Ancestry as git's own CLI sees it from inside a hook: receive-pack keeps a push's objects
 /// in a quarantine that only git (through the environment it sets) can see, gix cannot.
 pub fn hook_is_ancestor(ancestor: CommitId, descendant: CommitId) -> Result<bool, RepoError> {
@@ -286,6 +325,7 @@ impl Repo {
         let outcome = prepared
             .receive(gix::progress::Discard, &AtomicBool::new(false))
             .map_err(|e| fail(&e))?;
+        self.share_packs().map_err(|e| fail(&e))?;
         drop(lock);
         Ok(outcome
             .ref_map
@@ -294,6 +334,21 @@ impl Repo {
             .filter(|m| m.local.as_ref().is_some_and(|l| l == tracking.as_str()))
             .find_map(|m| m.remote.as_id())
             .map(|id| CommitId(id.to_owned())))
+    }
+
+    /// gix writes packs readable by their owner only; pushers (the admin group) must read
+    /// them too, or their receive-pack cannot see the commits the node fetched.
+    fn share_packs(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.repo.objects.store_ref().path().join("pack");
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            let mode = std::fs::metadata(&path)?.permissions().mode();
+            if mode & 0o040 == 0 {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode | 0o040))?;
+            }
+        }
+        Ok(())
     }
 
     /// The commit a ref points at, peeled; `Ok(None)` if the ref does not exist.

@@ -84,6 +84,9 @@ pub struct Settings {
     pub imds_deadline: u64,
     /// Whether a push may update refs other than the followed branch.
     pub allow_other_refs: bool,
+    /// Seconds a pusher may go without a line from a running deploy before the daemon sends
+    /// a keepalive, so ssh and git keep the session.
+    pub keepalive: u64,
 }
 
 impl Default for Settings {
@@ -103,6 +106,7 @@ impl Default for Settings {
             imds: None,
             imds_deadline: 120,
             allow_other_refs: false,
+            keepalive: 30,
         }
     }
 }
@@ -158,6 +162,9 @@ impl Settings {
             && !url.starts_with("http://")
         {
             return value("imds", "an http:// URL");
+        }
+        if self.keepalive == 0 {
+            return value("keepalive", "at least 1 (seconds)");
         }
         if self.keep_runs == 0 {
             return value("keep_runs", "at least 1");

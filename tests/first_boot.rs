@@ -404,7 +404,7 @@ fn admins_named_in_the_seed_join_the_group() {
     struct Cleanup(String);
     impl Drop for Cleanup {
         fn drop(&mut self) {
-            let _ = Command::new("userdel").arg(&self.0).status();
+            let _ = Command::new("userdel").args(["-f", &self.0]).status();
         }
     }
     let _cleanup = Cleanup(user.clone());

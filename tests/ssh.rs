@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::util::*;
 
-/// An sshd on 127.0.0.1 for one test, letting in keys from its authorized_keys as root.
+/// An sshd on 127.0.0.1 for one test, letting each user in with the keys authorised for it.
 pub struct Sshd {
     child: Child,
     pub port: u16,
@@ -23,6 +23,12 @@ impl Drop for Sshd {
 
 impl Sshd {
     pub fn start(world: &World) -> Sshd {
+        Sshd::start_with(world, None)
+    }
+
+    /// With `system_gitconfig`, sessions read it as git's system config: a node under a test
+    /// root keeps its /etc/gitconfig there, where init marks its repo safe for pushers.
+    pub fn start_with(world: &World, system_gitconfig: Option<&Path>) -> Sshd {
         let sshd = Path::new("/usr/sbin/sshd");
         assert!(
             sshd.exists(),
@@ -39,17 +45,20 @@ impl Sshd {
             .status()
             .unwrap();
         assert!(made.success());
-        std::fs::write(dir.join("authorized_keys"), "").unwrap();
+        std::fs::create_dir_all(dir.join("authorized_keys")).unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
         let config = format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nPidFile {pid}\nAuthorizedKeysFile {ak}\nPermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nLogLevel VERBOSE\n",
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nPidFile {pid}\nAuthorizedKeysFile {ak}/%u\nPermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nLogLevel VERBOSE\n{setenv}",
             hk = hostkey.display(),
             pid = dir.join("sshd.pid").display(),
             ak = dir.join("authorized_keys").display(),
+            setenv = system_gitconfig
+                .map(|c| format!("SetEnv GIT_CONFIG_SYSTEM={}\n", c.display()))
+                .unwrap_or_default(),
         );
         std::fs::write(dir.join("sshd_config"), config).unwrap();
         let child = Command::new(sshd)
@@ -83,15 +92,18 @@ impl Sshd {
         )
     }
 
-    pub fn authorize(&self, public_key: &str) {
+    /// Let `public_key` log in as `user`.
+    pub fn authorize(&self, user: &str, public_key: &str) {
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new()
             .append(true)
-            .open(self.dir.join("authorized_keys"))
+            .create(true)
+            .open(self.dir.join("authorized_keys").join(user))
             .unwrap();
         writeln!(f, "{}", public_key.trim()).unwrap();
     }
 
+    /// `ssh://root@…` to a repository on this server.
     pub fn url(&self, repo: &Path) -> String {
         format!("ssh://root@127.0.0.1:{}{}", self.port, repo.display())
     }
@@ -149,7 +161,7 @@ fn a_node_fetches_over_ssh_with_its_own_key_and_pinned_host_key() {
         node.status()
     );
 
-    sshd.authorize(&node.troops(&["key"]).ok().stdout);
+    sshd.authorize("root", &node.troops(&["key"]).ok().stdout);
     // The caller's environment does not change how ssh runs.
     let out: Run = node
         .command(&["pull"])
@@ -189,7 +201,7 @@ fn a_host_whose_key_is_not_pinned_is_refused() {
         f.next().unwrap()
     );
     let node = seeded_node(&world, "wrong-pin", &sshd.url(&remote), Some(&wrong));
-    sshd.authorize(&node.troops(&["key"]).ok().stdout);
+    sshd.authorize("root", &node.troops(&["key"]).ok().stdout);
     node.troops(&["pull"]).failed();
     let problem = node.remote_report("origin")["problem"]
         .as_str()
@@ -204,7 +216,7 @@ fn a_host_whose_key_is_not_pinned_is_refused() {
 
     // With nothing pinned, the first key seen is accepted and remembered.
     let node = seeded_node(&world, "tofu", &sshd.url(&remote), None);
-    sshd.authorize(&node.troops(&["key"]).ok().stdout);
+    sshd.authorize("root", &node.troops(&["key"]).ok().stdout);
     node.troops(&["pull"]).ok();
     let known = node.read("var/lib/troops/ssh/known_hosts").unwrap();
     assert!(

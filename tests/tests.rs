@@ -8,4 +8,5 @@ mod bad_input;
 mod deploy;
 mod first_boot;
 mod pull;
+mod push;
 mod ssh;

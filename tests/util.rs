@@ -90,7 +90,24 @@ impl World {
         Node {
             root: self.path(&format!("nodes/{name}")),
             group: self.group.clone(),
+            exe: PathBuf::from(TROOPS),
         }
+    }
+
+    /// Open the world to other users (tempdirs are 0700) and put a copy of the binary and
+    /// the Python module where they can run it: for tests with real non-root users.
+    pub fn shared_binary(&self) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let bin = self.path("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::copy(TROOPS, bin.join("troops")).unwrap();
+        std::fs::copy(
+            Path::new(TROOPS).with_file_name("libtroops.so"),
+            bin.join("libtroops.so"),
+        )
+        .unwrap();
+        bin.join("troops")
     }
 }
 
@@ -157,6 +174,8 @@ pub struct Node {
     pub root: PathBuf,
     /// The admin group, passed to every init so the host's own `troops` is never touched.
     pub group: String,
+    /// The binary this node is driven with (and its hooks run).
+    pub exe: PathBuf,
 }
 
 pub struct Run {
@@ -201,7 +220,7 @@ impl From<Output> for Run {
 
 impl Node {
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(TROOPS);
+        let mut c = Command::new(&self.exe);
         c.arg("--root")
             .arg(&self.root)
             .args(args)

@@ -46,9 +46,19 @@ fn pre_receive(node: &Node, updates: &[hook::Update]) -> Result<u8> {
         return Ok(1);
     }
     for u in updates {
+        // A failed ancestry check refuses the push with its own reason, not "not a
+        // fast-forward".
+        let failure = std::cell::RefCell::new(None);
         let check = hook::check(u, &settings.branch, settings.allow_other_refs, |a, b| {
-            repo::hook_is_ancestor(a, b).unwrap_or(false)
+            repo::hook_is_ancestor(a, b).unwrap_or_else(|e| {
+                *failure.borrow_mut() = Some(e.to_string());
+                false
+            })
         });
+        if let Some(e) = failure.into_inner() {
+            eprintln!("troops: refused: {e}");
+            return Ok(1);
+        }
         if let Err(why) = check {
             eprintln!("troops: refused: {why}");
             return Ok(1);

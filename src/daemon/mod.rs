@@ -22,9 +22,6 @@ use crate::node::Node;
 use crate::paths::Layout;
 use protocol::{MAX_REQUEST, Reply, Request};
 
-/// Lines keep flowing at least this often, so ssh and git keep a long deploy's session.
-pub const KEEPALIVE: Duration = Duration::from_secs(30);
-
 #[derive(Debug, Error)]
 pub enum DaemonError {
     #[error("{path}: {source}")]
@@ -208,12 +205,14 @@ fn handle(mut stream: UnixStream, root: &Path, exe: &Path) {
 /// alive. A client that hangs up does not stop a run that has begun.
 fn run_request(stream: UnixStream, node: Node, request: Request, user: &str, exe: &Path) {
     let (tx, rx) = mpsc::channel::<Reply>();
+    // Lines keep flowing at least this often, so ssh and git keep a long deploy's session.
+    let keepalive = Duration::from_secs(node.settings.keepalive);
     let writer = std::thread::spawn(move || {
         let mut stream = stream;
         let mut alive = true;
         let started = Instant::now();
         loop {
-            match rx.recv_timeout(KEEPALIVE) {
+            match rx.recv_timeout(keepalive) {
                 Ok(reply) => {
                     let last = matches!(reply, Reply::Done { .. });
                     alive = alive && send(&mut stream, &reply);
