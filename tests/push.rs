@@ -434,3 +434,65 @@ fn with_no_daemon_the_push_lands_and_says_the_next_pull_deploys() {
     assert_eq!(s.node.head().as_deref(), Some(one.as_str()));
     assert_eq!(s.node.deployed(), None);
 }
+
+#[test]
+fn the_daemon_takes_a_socket_from_systemd() {
+    // systemd-socket-activate binds the socket and starts the daemon with it as fd 3
+    // (LISTEN_FDS/LISTEN_PID), the way troops.socket does.
+    let activate = std::path::Path::new("/usr/bin/systemd-socket-activate");
+    assert!(
+        activate.exists(),
+        "systemd is needed for this test (systemd-socket-activate)"
+    );
+    let s = setup();
+    s.up.write("deploy.py", "print('activated')\n");
+    s.up.commit("one");
+    s.up.push(&s.world.path("remotes/origin.git"));
+    let socket = s.world.path("activated.sock");
+    let mut child = Command::new(activate)
+        .arg("-l")
+        .arg(&socket)
+        .arg(&s.node.exe)
+        .args(["--root", s.node.root.to_str().unwrap(), "serve"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut c = UnixStream::connect(&socket).unwrap();
+    c.write_all(b"troops/1 pull\n").unwrap();
+    let mut reply = String::new();
+    c.read_to_string(&mut reply).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(reply.contains("out activated"), "{reply}");
+    assert!(
+        reply.lines().last().unwrap().starts_with("done 0 "),
+        "{reply}"
+    );
+    // The daemon served the passed socket; it bound none of its own.
+    assert!(!s.node.path("run/troops/troops.sock").exists());
+}
+
+#[test]
+fn init_keeps_the_hooks_current() {
+    let s = setup();
+    let hook = s.node.repo().join("hooks/post-receive");
+    let script = std::fs::read_to_string(&hook).unwrap();
+    assert!(
+        script.contains(&format!("'{}' --root", s.node.exe.display()))
+            && script.contains("hook post-receive"),
+        "{script}"
+    );
+    std::fs::write(&hook, "#!/bin/sh\nexit 0\n").unwrap();
+    let out = s.node.init(&[], &[]);
+    assert!(
+        out.stdout.contains("install hook post-receive"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(std::fs::read_to_string(&hook).unwrap(), script);
+}
