@@ -137,9 +137,14 @@ fn save_json<T: Serialize>(path: &Path, value: &T) -> Result<(), PullError> {
     })
 }
 
-/// Pull and deploy if needed. `exe` is this program, run once per remote as `__fetch`. The
-/// caller holds the node lock.
-pub fn pull(node: &Node, exe: &Path, out: &mut dyn Output) -> Result<PullOutcome, PullError> {
+/// Pull and deploy if needed. `exe` is this program, run once per remote as `__fetch`;
+/// `trigger` says who asked, for the run record. The caller holds the node lock.
+pub fn pull(
+    node: &Node,
+    exe: &Path,
+    trigger: &str,
+    out: &mut dyn Output,
+) -> Result<PullOutcome, PullError> {
     let layout = &node.layout;
     let settings = &node.settings;
     if settings.verify != crate::settings::Verify::None {
@@ -278,7 +283,7 @@ pub fn pull(node: &Node, exe: &Path, out: &mut dyn Output) -> Result<PullOutcome
                     node,
                     &repo,
                     head,
-                    "pull",
+                    trigger,
                     retry.as_ref(),
                     out,
                 )?)

@@ -13,7 +13,7 @@ pub fn run(root: &Path, stdout_is_journal: bool) -> Result<u8> {
     let _lock = super::lock_node(&node.layout)?;
     let exe = std::env::current_exe().context("failed to find this program to fetch with")?;
     let mut out = super::terminal(stdout_is_journal);
-    let outcome = troops::pull::pull(&node, &exe, out.as_mut())?;
+    let outcome = troops::pull::pull(&node, &exe, "pull", out.as_mut())?;
     let (code, summary) = outcome.verdict();
     match (code, &outcome.run) {
         (0, Some(_)) => {} // the run's own last line said it
