@@ -62,7 +62,7 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
     match &cli.command {
         Command::Init(args) => cli::init::run(root, args, journal),
         Command::Key => cli::key::run(root),
-        Command::Pull => cli::pull::run(root, journal),
+        Command::Pull => cli::pull::run(root, cli.now, journal),
         Command::Deploy => cli::deploy::run(root, journal),
         Command::Status(args) => cli::status::run(root, args),
         Command::Log(args) => cli::log::run(root, args),

@@ -37,6 +37,12 @@ impl Layout {
     pub fn ssh_dir(&self) -> PathBuf {
         self.under("var/lib/troops/ssh")
     }
+    pub fn trusted_keys(&self) -> PathBuf {
+        self.under("etc/troops/trustedkeys.gpg")
+    }
+    pub fn machine_id(&self) -> PathBuf {
+        self.under("etc/machine-id")
+    }
     pub fn allowed_signers(&self) -> PathBuf {
         self.under("etc/troops/allowed_signers")
     }

@@ -27,12 +27,8 @@ pub enum PullError {
     Repo(#[from] RepoError),
     #[error(transparent)]
     Deploy(#[from] deploy::DeployError),
-    /// Fail safe until signature checks exist: a node told to verify must never deploy
-    /// what it could not check.
-    #[error(
-        "verify = {0:?} is set, but signature verification is not built yet; refusing to take unverified commits (set verify = \"none\" to pull anyway)"
-    )]
-    VerifyUnavailable(crate::settings::Verify),
+    #[error(transparent)]
+    Gate(#[from] crate::gate::GateError),
     #[error("failed to write {path}: {source}")]
     State {
         path: String,
@@ -64,6 +60,11 @@ pub struct PullReport {
     pub to: Option<CommitId>,
     /// Remotes ahead of the branch that diverge from each other: the node stayed.
     pub disagree: Vec<String>,
+    /// This node's rollout bucket.
+    pub bucket: u8,
+    /// The commit rollout or signatures keep the node from taking, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<crate::gate::Held>,
     /// Why a pending deploy was not attempted this time.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waiting: Option<String>,
@@ -104,6 +105,11 @@ impl PullOutcome {
         if let Some(run) = &self.run {
             return run.verdict();
         }
+        if let Some(h) = &report.held
+            && h.kind == crate::gate::HoldKind::Signature
+        {
+            return (1, h.reason.clone());
+        }
         let at = report.from.map_or("nothing".into(), |c| c.short());
         if !report.disagree.is_empty() {
             return (
@@ -114,9 +120,13 @@ impl PullOutcome {
                 ),
             );
         }
-        match &report.waiting {
-            Some(w) => (0, w.clone()),
-            None => (0, format!("up to date at {at}")),
+        match (&report.waiting, &report.held) {
+            (Some(w), _) => (0, w.clone()),
+            (None, Some(h)) => (
+                0,
+                format!("at {at}; holding before {}: {}", h.commit.short(), h.reason),
+            ),
+            (None, None) => (0, format!("up to date at {at}")),
         }
     }
 }
@@ -138,18 +148,17 @@ fn save_json<T: Serialize>(path: &Path, value: &T) -> Result<(), PullError> {
 }
 
 /// Pull and deploy if needed. `exe` is this program, run once per remote as `__fetch`;
-/// `trigger` says who asked, for the run record. The caller holds the node lock.
+/// `trigger` says who asked, for the run record; `now` (unix seconds) is the clock rollout
+/// schedules are read against. The caller holds the node lock.
 pub fn pull(
     node: &Node,
     exe: &Path,
     trigger: &str,
+    now: i64,
     out: &mut dyn Output,
 ) -> Result<PullOutcome, PullError> {
     let layout = &node.layout;
     let settings = &node.settings;
-    if settings.verify != crate::settings::Verify::None {
-        return Err(PullError::VerifyUnavailable(settings.verify));
-    }
     let repo = Repo::open(&layout.repo())?;
     let remotes = repo.remotes();
     if remotes.is_empty() {
@@ -238,18 +247,33 @@ pub fn pull(
         });
     }
 
-    // Staged rollout and signature checks will narrow `decision.target` here to the newest
-    // commit on the way that they allow.
-    if let Some(t) = decision.target {
+    // Staged rollout and signature checks may hold the node at an older commit on the way.
+    let (target, held) = match decision.target {
+        Some(t) => crate::gate::narrow(node, &repo, local, t, now)?,
+        None => (None, None),
+    };
+    let target = target.filter(|t| Some(*t) != local);
+    if let Some(h) = &held {
+        tracing::warn!(commit = %h.commit, "holding before {}: {}", h.commit.short(), h.reason);
+    }
+    if let Some(t) = target {
         repo.update_ref(&branch_ref, t, local, "troops: fast-forward from remotes")?;
-        tracing::info!(commit = %t, "{} moved {} -> {}", settings.branch, local.map_or("nothing".into(), |l| l.short()), t.short());
+        tracing::info!(
+            commit = %t,
+            "{} moved {} -> {}",
+            settings.branch,
+            local.map_or("nothing".into(), |l| l.short()),
+            t.short()
+        );
     }
     let mut report = PullReport {
         time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         branch: settings.branch.clone(),
         remotes: remotes_report,
         from: local,
-        to: decision.target,
+        to: target,
+        bucket: crate::gate::bucket(node),
+        held,
         disagree: decision.disagree.clone(),
         waiting: None,
     };

@@ -53,6 +53,15 @@ impl<'de> serde::Deserialize<'de> for CommitId {
     }
 }
 
+/// A commit on the way to a target: what rollout needs to know of it.
+#[derive(Debug, Clone)]
+pub struct LineCommit {
+    pub id: CommitId,
+    /// Committer time, unix seconds.
+    pub time: i64,
+    pub message: String,
+}
+
 #[derive(Debug, Error)]
 pub enum RepoError {
     #[error("{path}: failed to {what}: {message}")]
@@ -419,6 +428,59 @@ impl Repo {
                 }
             })?;
         Ok(())
+    }
+
+    /// The commits the branch would pass through from `stop` (exclusive) to `tip`: the
+    /// first-parent line, oldest first, with each one's message and committer time.
+    pub fn first_parent_line(
+        &self,
+        tip: CommitId,
+        stop: Option<CommitId>,
+    ) -> Result<Vec<LineCommit>, RepoError> {
+        let mut line = Vec::new();
+        let mut cur = Some(tip.0);
+        while let Some(id) = cur {
+            if Some(CommitId(id)) == stop {
+                break;
+            }
+            let commit = self
+                .repo
+                .find_commit(id)
+                .map_err(self.err(format!("find commit {id}")))?;
+            let time = commit
+                .time()
+                .map_err(self.err(format!("read the date of {id}")))?;
+            let message = commit
+                .message_raw()
+                .map_err(self.err(format!("read the message of {id}")))?
+                .to_string();
+            line.push(LineCommit {
+                id: CommitId(id),
+                time: time.seconds,
+                message,
+            });
+            cur = commit.parent_ids().next().map(|p| p.detach());
+        }
+        line.reverse();
+        Ok(line)
+    }
+
+    /// Every commit reachable from `tip` but not from `stop`, merged side branches included.
+    pub fn commits_between(
+        &self,
+        tip: CommitId,
+        stop: Option<CommitId>,
+    ) -> Result<Vec<CommitId>, RepoError> {
+        let walk = self.repo.rev_walk([tip.0]).with_hidden(stop.map(|s| s.0));
+        let mut out = Vec::new();
+        for info in walk
+            .all()
+            .map_err(self.err(format!("walk the history of {tip}")))?
+        {
+            let info = info.map_err(self.err(format!("walk the history of {tip}")))?;
+            out.push(CommitId(info.id));
+        }
+        Ok(out)
     }
 
     /// Whether `ancestor` is reachable from `descendant` (equal counts).

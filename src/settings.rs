@@ -84,6 +84,10 @@ pub struct Settings {
     pub imds_deadline: u64,
     /// Whether a push may update refs other than the followed branch.
     pub allow_other_refs: bool,
+    /// This node's rollout bucket in [0, 100); unset: derived from /etc/machine-id. A node
+    /// pinned to 0 is a permanent canary.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<u8>,
     /// Seconds a pusher may go without a line from a running deploy before the daemon sends
     /// a keepalive, so ssh and git keep the session.
     pub keepalive: u64,
@@ -107,6 +111,7 @@ impl Default for Settings {
             imds_deadline: 120,
             allow_other_refs: false,
             keepalive: 30,
+            bucket: None,
         }
     }
 }
@@ -162,6 +167,9 @@ impl Settings {
             && !url.starts_with("http://")
         {
             return value("imds", "an http:// URL");
+        }
+        if self.bucket.is_some_and(|b| b >= 100) {
+            return value("bucket", "a whole number from 0 to 99");
         }
         if self.keepalive == 0 {
             return value("keepalive", "at least 1 (seconds)");

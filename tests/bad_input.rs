@@ -207,18 +207,3 @@ fn requirements_that_fail_to_install() {
         "no-such-package-troops-test",
     );
 }
-
-#[test]
-fn a_node_told_to_verify_signatures_refuses_to_pull_until_it_can() {
-    let one = one_remote(&[]);
-    one.up.write("deploy.py", &simple_deploy("unsigned"));
-    one.ship("unsigned");
-    one.node.set("verify", "\"all\"");
-    let line = error_line(&one.node.troops(&["pull"]).failed());
-    assert!(
-        line.contains("signature verification is not built yet"),
-        "{line}"
-    );
-    assert_eq!(one.node.head(), None);
-    assert_eq!(one.node.read("out/tag"), None);
-}

@@ -63,8 +63,39 @@ fn pre_receive(node: &Node, updates: &[hook::Update]) -> Result<u8> {
             eprintln!("troops: refused: {why}");
             return Ok(1);
         }
+        // A push never lands what a pull would refuse to take: the same signature checks.
+        if let (Some(new), true) = (
+            u.new,
+            u.reference == format!("refs/heads/{}", settings.branch),
+        ) {
+            if let Some(why) = unsigned(node, u.old, new)? {
+                eprintln!("troops: refused: {why}");
+                return Ok(1);
+            }
+        }
     }
     Ok(0)
+}
+
+/// Why the commits a push brings fail `verify`, if they do. Runs inside receive-pack, so
+/// the git CLI (through gate's verifier) sees the quarantined objects.
+fn unsigned(
+    node: &Node,
+    old: Option<troops::repo::CommitId>,
+    new: troops::repo::CommitId,
+) -> Result<Option<String>> {
+    let commits = match node.settings.verify {
+        Verify::None => return Ok(None),
+        Verify::Tip => vec![new],
+        Verify::All => troops::gate::verifier(node, None)?.rev_list(new, old)?,
+    };
+    let verifier = troops::gate::verifier(node, None)?;
+    for c in commits {
+        if let Err(why) = verifier.check(c)? {
+            return Ok(Some(why));
+        }
+    }
+    Ok(None)
 }
 
 fn post_receive(node: &Node, updates: &[hook::Update]) -> Result<u8> {

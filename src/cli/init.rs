@@ -158,7 +158,7 @@ pub fn run(root: &Path, args: &Args, stdout_is_journal: bool) -> Result<u8> {
     // itself succeeded, and the timer will pull again.
     let hint =
         "authorise the node's key (`troops key`) if the remote needs it; the timer pulls again";
-    match super::pull::run(root, stdout_is_journal) {
+    match super::pull::run(root, None, stdout_is_journal) {
         Ok(0) => {}
         Ok(_) => eprintln!("troops: the first pull did not deploy; {hint}"),
         Err(e) => eprintln!("troops: the first pull failed: {e:#}; {hint}"),

@@ -28,6 +28,10 @@ pub struct Cli {
     #[arg(long, global = true, env = "TROOPS_ROOT", default_value = "/")]
     pub root: PathBuf,
 
+    /// Read rollout schedules against this clock (unix seconds) instead of the real one.
+    #[arg(long, global = true, hide = true, value_name = "UNIX_SECONDS")]
+    pub now: Option<i64>,
+
     /// Log more (-v: debug, -vv: trace).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,

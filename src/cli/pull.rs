@@ -3,7 +3,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use troops::node::Node;
 
-pub fn run(root: &Path, stdout_is_journal: bool) -> Result<u8> {
+pub fn run(root: &Path, now: Option<i64>, stdout_is_journal: bool) -> Result<u8> {
     let node = Node::open(root)?;
     if !super::is_root() {
         // A member of the admin group: the root daemon runs it, the same run the timer would.
@@ -13,7 +13,13 @@ pub fn run(root: &Path, stdout_is_journal: bool) -> Result<u8> {
     let _lock = super::lock_node(&node.layout)?;
     let exe = std::env::current_exe().context("failed to find this program to fetch with")?;
     let mut out = super::terminal(stdout_is_journal);
-    let outcome = troops::pull::pull(&node, &exe, "pull", out.as_mut())?;
+    let outcome = troops::pull::pull(
+        &node,
+        &exe,
+        "pull",
+        now.unwrap_or(troops::backoff::unix_now() as i64),
+        out.as_mut(),
+    )?;
     let (code, summary) = outcome.verdict();
     match (code, &outcome.run) {
         (0, Some(_)) => {} // the run's own last line said it

@@ -251,11 +251,15 @@ fn run_request(stream: UnixStream, node: Node, request: Request, user: &str, exe
                         .map(|run| run.verdict())
                         .map_err(|e| format!("{e:#}"))
                 }
-                Request::Pull => {
-                    crate::pull::pull(&node, exe, &format!("pull by {user}"), &mut out)
-                        .map(|o| o.verdict())
-                        .map_err(|e| e.to_string())
-                }
+                Request::Pull => crate::pull::pull(
+                    &node,
+                    exe,
+                    &format!("pull by {user}"),
+                    crate::backoff::unix_now() as i64,
+                    &mut out,
+                )
+                .map(|o| o.verdict())
+                .map_err(|e| e.to_string()),
                 Request::Status => status_line(&node),
             },
         }
