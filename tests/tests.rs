@@ -9,4 +9,5 @@ mod deploy;
 mod first_boot;
 mod pull;
 mod push;
+mod rollout;
 mod ssh;
