@@ -8,9 +8,18 @@ use crate::util::*;
 /// Commit with a message (and trailer), dated `date` if given (git's date formats).
 fn commit_at(up: &Upstream, message: &str, date: Option<&str>) -> String {
     let mut cmd = Command::new("git");
-    cmd.arg("-C")
-        .arg(&up.dir)
-        .args(["-c", "user.name=Ops", "-c", "user.email=ops@example.com", "commit", "-q", "--allow-empty", "-a", "-m", message]);
+    cmd.arg("-C").arg(&up.dir).args([
+        "-c",
+        "user.name=Ops",
+        "-c",
+        "user.email=ops@example.com",
+        "commit",
+        "-q",
+        "--allow-empty",
+        "-a",
+        "-m",
+        message,
+    ]);
     if let Some(d) = date {
         cmd.env("GIT_COMMITTER_DATE", d);
     }
@@ -19,7 +28,9 @@ fn commit_at(up: &Upstream, message: &str, date: Option<&str>) -> String {
 }
 
 fn head_time(up: &Upstream) -> i64 {
-    git(&up.dir, &["log", "-1", "--format=%ct"]).parse().unwrap()
+    git(&up.dir, &["log", "-1", "--format=%ct"])
+        .parse()
+        .unwrap()
 }
 
 #[test]
@@ -34,7 +45,10 @@ fn a_ten_percent_commit_reaches_only_its_share_and_a_hundred_percent_commit_fini
     let nodes: Vec<(Node, u8)> = (0..20)
         .map(|i| {
             let node = world.node(&format!("n{i:02}"));
-            let machine_id = format!("{:032x}", (i as u128 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835));
+            let machine_id = format!(
+                "{:032x}",
+                (i as u128 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835)
+            );
             std::fs::create_dir_all(node.path("etc")).unwrap();
             std::fs::write(node.path("etc/machine-id"), format!("{machine_id}\n")).unwrap();
             node.init(&[("origin", &remote)], &[]);
@@ -49,7 +63,11 @@ fn a_ten_percent_commit_reaches_only_its_share_and_a_hundred_percent_commit_fini
     });
     let base = up.head();
     let admitted: Vec<bool> = nodes.iter().map(|(_, b)| *b < 10).collect();
-    assert!(admitted.iter().any(|a| *a) && !admitted.iter().all(|a| *a), "the ids give no mix of buckets: {:?}", nodes.iter().map(|(_, b)| b).collect::<Vec<_>>());
+    assert!(
+        admitted.iter().any(|a| *a) && !admitted.iter().all(|a| *a),
+        "the ids give no mix of buckets: {:?}",
+        nodes.iter().map(|(_, b)| b).collect::<Vec<_>>()
+    );
 
     up.write("deploy.py", &simple_deploy("canary"));
     let canary = commit_at(&up, "Try the new thing\n\nTroops-Rollout: 10%", None);
@@ -62,7 +80,10 @@ fn a_ten_percent_commit_reaches_only_its_share_and_a_hundred_percent_commit_fini
         assert_eq!(status["last_pull"]["bucket"], *b);
         if *b >= 10 {
             let human = node.troops(&["status"]).ok().stdout;
-            assert!(human.contains("held") && human.contains("rolled out to 10% so far"), "{human}");
+            assert!(
+                human.contains("held") && human.contains("rolled out to 10% so far"),
+                "{human}"
+            );
         }
     }
 
@@ -74,7 +95,10 @@ fn a_ten_percent_commit_reaches_only_its_share_and_a_hundred_percent_commit_fini
         node.troops(&["pull"]).ok();
         let want = if *b < 10 { &later } else { &base };
         assert_eq!(node.deployed().as_ref(), Some(want), "bucket {b}");
-        assert_eq!(node.read("out/tag").as_deref(), Some(if *b < 10 { "canary" } else { "base" }));
+        assert_eq!(
+            node.read("out/tag").as_deref(),
+            Some(if *b < 10 { "canary" } else { "base" })
+        );
     }
 
     // An empty 100% commit finishes the rollout everywhere.
@@ -96,18 +120,36 @@ fn a_schedule_advances_as_the_clock_passes() {
     t.ship("base");
     t.node.troops(&["pull"]).ok();
     t.up.write("deploy.py", &simple_deploy("ramped"));
-    let ramped = commit_at(&t.up, "Ramp\n\nTroops-Rollout: 10%, 50% after 1h, 100% after 6h", None);
+    let ramped = commit_at(
+        &t.up,
+        "Ramp\n\nTroops-Rollout: 10%, 50% after 1h, 100% after 6h",
+        None,
+    );
     t.up.push(&t.remote);
     let since = head_time(&t.up);
 
-    let at = |secs: i64| t.node.troops(&["--now", &(since + secs).to_string(), "pull"]).ok();
+    let at = |secs: i64| {
+        t.node
+            .troops(&["--now", &(since + secs).to_string(), "pull"])
+            .ok()
+    };
     at(60);
     assert_ne!(t.node.deployed().as_ref(), Some(&ramped));
     let human = t.node.troops(&["status"]).ok().stdout;
-    let eligible = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs((since + 6 * 3600) as u64)).to_string();
-    assert!(human.contains(&format!("eligible from {eligible}")), "bucket 50 waits for the 100% step: {human}");
+    let eligible = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs((since + 6 * 3600) as u64),
+    )
+    .to_string();
+    assert!(
+        human.contains(&format!("eligible from {eligible}")),
+        "bucket 50 waits for the 100% step: {human}"
+    );
     at(3 * 3600);
-    assert_ne!(t.node.deployed().as_ref(), Some(&ramped), "50% admits buckets 0-49 only");
+    assert_ne!(
+        t.node.deployed().as_ref(),
+        Some(&ramped),
+        "50% admits buckets 0-49 only"
+    );
     at(6 * 3600);
     assert_eq!(t.node.deployed().as_ref(), Some(&ramped));
 }
@@ -170,5 +212,8 @@ fn a_malformed_trailer_holds_every_node_and_says_why() {
     assert!(out.stdout.contains("malformed trailer"), "{}", out.stdout);
     assert_eq!(t.node.deployed().as_ref(), Some(&base));
     let human = t.node.troops(&["status"]).ok().stdout;
-    assert!(human.contains("malformed trailer") && human.contains("expected a percentage"), "{human}");
+    assert!(
+        human.contains("malformed trailer") && human.contains("expected a percentage"),
+        "{human}"
+    );
 }

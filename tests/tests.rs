@@ -10,4 +10,5 @@ mod first_boot;
 mod pull;
 mod push;
 mod rollout;
+mod signatures;
 mod ssh;

@@ -38,13 +38,6 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
 
 fn pre_receive(node: &Node, updates: &[hook::Update]) -> Result<u8> {
     let settings = &node.settings;
-    if settings.verify != Verify::None {
-        eprintln!(
-            "troops: refused: verify = {:?} is set, but signature checks are not built yet",
-            settings.verify
-        );
-        return Ok(1);
-    }
     for u in updates {
         // A failed ancestry check refuses the push with its own reason, not "not a
         // fast-forward".
