@@ -57,14 +57,12 @@ fn pre_receive(node: &Node, updates: &[hook::Update]) -> Result<u8> {
             return Ok(1);
         }
         // A push never lands what a pull would refuse to take: the same signature checks.
-        if let (Some(new), true) = (
-            u.new,
-            u.reference == format!("refs/heads/{}", settings.branch),
-        ) {
-            if let Some(why) = unsigned(node, u.old, new)? {
-                eprintln!("troops: refused: {why}");
-                return Ok(1);
-            }
+        let tracked = u.reference == format!("refs/heads/{}", settings.branch);
+        if let Some(new) = u.new.filter(|_| tracked)
+            && let Some(why) = unsigned(node, u.old, new)?
+        {
+            eprintln!("troops: refused: {why}");
+            return Ok(1);
         }
     }
     Ok(0)
