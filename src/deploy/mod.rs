@@ -63,19 +63,36 @@ impl RunLog<'_> {
     }
 }
 
-/// Build `commit`'s tree into `work/<commit>` from scratch, and drop older checkouts.
-fn materialise(repo: &Repo, commit: CommitId, work: &Path) -> Result<PathBuf, String> {
+/// Build `commit`'s tree into `work/<commit>` from scratch. Older checkouts are moved aside
+/// at once and deleted by the returned thread while the deploy runs: on a large tree the
+/// deletion costs as much as the checkout.
+fn materialise(repo: &Repo, commit: CommitId, work: &Path) -> Result<(PathBuf, std::thread::JoinHandle<()>), String> {
     fsutil::create_dirs(work, 0o755).map_err(|e| format!("{}: {e}", work.display()))?;
     // Leftovers of a run that died mid-checkout, and checkouts of older commits.
+    let mut doomed = Vec::new();
     for entry in fs::read_dir(work).into_iter().flatten().flatten() {
-        let _ = fs::remove_dir_all(entry.path());
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".trash-") {
+            doomed.push(entry.path());
+            continue;
+        }
+        let aside = work.join(format!(".trash-{name}-{}", std::process::id()));
+        match fs::rename(entry.path(), &aside) {
+            Ok(()) => doomed.push(aside),
+            Err(_) => doomed.push(entry.path()),
+        }
     }
+    let cleaner = std::thread::spawn(move || {
+        for d in doomed {
+            let _ = fs::remove_dir_all(&d).or_else(|_| fs::remove_file(&d));
+        }
+    });
     let tmp = work.join(format!(".tmp-{commit}"));
     let dest = work.join(commit.to_string());
     repo.checkout(commit, &tmp).map_err(|e| e.to_string())?;
     fs::rename(&tmp, &dest).map_err(|e| format!("{}: {e}", dest.display()))?;
     fsutil::sync_dir(work).map_err(|e| format!("{}: {e}", work.display()))?;
-    Ok(dest)
+    Ok((dest, cleaner))
 }
 
 /// The ids of repo-local paths requirements.txt names, from the commit's tree.
@@ -196,8 +213,6 @@ fn run_steps(
     record: &mut RunRecord,
     log: &mut RunLog<'_>,
 ) -> Result<(), String> {
-    let layout = &node.layout;
-    let settings = &node.settings;
     let short = commit.short();
     if repo
         .read_file(commit, "deploy.py")
@@ -208,7 +223,24 @@ fn run_steps(
             "commit {short} has no deploy.py at the top of its tree"
         ));
     }
-    let checkout = materialise(repo, commit, &layout.work())?;
+    let (checkout, cleaner) = materialise(repo, commit, &node.layout.work())?;
+    let result = deploy_checkout(node, repo, commit, previous, &checkout, record, log);
+    let _ = cleaner.join();
+    result
+}
+
+fn deploy_checkout(
+    node: &Node,
+    repo: &Repo,
+    commit: CommitId,
+    previous: Option<CommitId>,
+    checkout: &Path,
+    record: &mut RunRecord,
+    log: &mut RunLog<'_>,
+) -> Result<(), String> {
+    let layout = &node.layout;
+    let settings = &node.settings;
+    let short = commit.short();
 
     let requirements = repo
         .read_file(commit, "requirements.txt")
@@ -227,7 +259,7 @@ fn run_steps(
         module_dir,
         installer: settings.installer,
     };
-    let (venv_dir, built) = venv::ensure(&layout.venvs(), &spec, &checkout, &mut |l| log.line(l))
+    let (venv_dir, built) = venv::ensure(&layout.venvs(), &spec, checkout, &mut |l| log.line(l))
         .map_err(|e| with_last(format!("commit {short}: {e}"), log))?;
     let venv_key = venv_dir
         .file_name()

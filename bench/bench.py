@@ -1,0 +1,282 @@
+#!/usr/bin/python3
+"""Troops against what a user would pick instead, side by side in one run.
+
+Scenarios (each against the same repositories, runs interleaved between tools):
+  1. noop       - a poll with nothing changed, three file:// remotes
+  2. changed    - one new commit on all remotes, trivial deploy.py, warm venv
+  3. first      - first deploy on an empty node (requirements: one local package, offline)
+  4. *-large    - 1-3 on a repository of 2,000 files and 1,000 commits
+  5. reqs-uv / reqs-pip - a requirements change (venv rebuild) with uv on PATH and without
+
+Peers for 1-2: `ansible-pull -o` with an equivalent one-task playbook, and the plain-git shell
+floor (fetch three remotes, take the most advanced tip that fast-forwards, check it out, run
+deploy.py). Reports medians, min-max, peak RSS (of the process tree) and troops/peer ratios;
+prints a table and writes bench/results.json. A benchmark reports; it never fails a build.
+"""
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOP = os.path.dirname(HERE)
+SCRATCH = os.environ.get("BENCH_DIR", os.path.join(TOP, "target", "bench"))
+RUNS = int(os.environ.get("BENCH_RUNS", "15"))
+SLOW_RUNS = int(os.environ.get("BENCH_SLOW_RUNS", "5"))
+PY = "/usr/bin/python3"
+ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8"}
+
+
+def sh(*args, cwd=None, env=None, check=True):
+    return subprocess.run(args, cwd=cwd, env=env or ENV, check=check, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def git(repo, *args):
+    return sh("git", "-C", repo, "-c", "user.name=Bench", "-c", "user.email=bench@example.com", "-c", "init.defaultBranch=master", *args).stdout.strip()
+
+
+def measure(argv, env=None, cwd=None):
+    """Wall seconds and peak RSS (KiB) of the largest process in the tree."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env or ENV, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{argv[0]} failed: {err[-2000:]}")
+    return wall, usage.ru_maxrss
+
+
+def setup_tools():
+    os.makedirs(SCRATCH, exist_ok=True)
+    print("bench: building troops (release)", flush=True)
+    subprocess.run(["cargo", "build", "--workspace", "--release", "--locked"], cwd=TOP, check=True)
+    tools = os.path.join(SCRATCH, "tools")
+    if not os.path.exists(os.path.join(tools, "bin", "ansible-pull")):
+        print("bench: installing ansible-core and uv from PyPI", flush=True)
+        sh(PY, "-m", "venv", tools)
+        sh(os.path.join(tools, "bin", "pip"), "install", "-q", "ansible-core", "uv")
+    return os.path.join(TOP, "target", "release", "troops"), tools
+
+
+def make_repo(path, files=0, commits=1):
+    """An upstream with deploy.py, a local package, local.yml for ansible; `files` extra files
+    spread over `commits` commits."""
+    shutil.rmtree(path, ignore_errors=True)
+    git(TOP, "init", "-q", path)
+    shutil.copytree(os.path.join(TOP, "example", "greeting"), os.path.join(path, "greeting"))
+    with open(os.path.join(path, "requirements.txt"), "w") as f:
+        f.write("--no-index\n./greeting\n")
+    with open(os.path.join(path, "deploy.py"), "w") as f:
+        f.write("import pathlib, sys\npathlib.Path(sys.argv[0]).with_name('.deployed').write_text('x')\nprint('deployed')\n")
+    with open(os.path.join(path, "local.yml"), "w") as f:
+        f.write("- hosts: localhost\n  connection: local\n  gather_facts: false\n  tasks:\n    - command: /bin/true\n")
+    per = max(1, files // max(1, commits))
+    n = 0
+    for c in range(commits):
+        for _ in range(per if files else 0):
+            d = os.path.join(path, "data", f"d{n % 50}")
+            os.makedirs(d, exist_ok=True)
+            with open(os.path.join(d, f"f{n}.txt"), "w") as f:
+                f.write(f"file {n}\n" * 20)
+            n += 1
+        git(path, "add", "-A")
+        git(path, "commit", "-q", "--allow-empty", "-m", f"commit {c}")
+    return path
+
+
+def push_all(upstream, remotes):
+    for r in remotes:
+        git(upstream, "push", "-q", "-f", r, "HEAD:refs/heads/master")
+
+
+def new_commit(upstream, remotes, tag):
+    with open(os.path.join(upstream, "marker"), "w") as f:
+        f.write(tag)
+    git(upstream, "add", "-A")
+    git(upstream, "commit", "-q", "-m", tag)
+    push_all(upstream, remotes)
+
+
+FLOOR = r"""#!/bin/sh
+# The plain-git floor: what a troops poll does, with the git CLI.
+set -e
+R=$1; WT=$2; VENV=$3
+cur=$(git -C "$R" rev-parse -q --verify refs/troops/deployed || true)
+best=$cur
+for remote in a b c; do
+  git -C "$R" fetch -q "$remote" master:refs/remotes/$remote/master 2>/dev/null || continue
+  tip=$(git -C "$R" rev-parse refs/remotes/$remote/master)
+  if [ -z "$best" ] || git -C "$R" merge-base --is-ancestor "$best" "$tip"; then best=$tip; fi
+done
+if [ "$best" != "$cur" ]; then
+  git --git-dir="$R" --work-tree="$WT" checkout -q -f "$best" -- .
+  (cd "$WT" && "$VENV/bin/python" deploy.py >/dev/null)
+  git -C "$R" update-ref refs/troops/deployed "$best"
+fi
+"""
+
+
+class Fleet:
+    """One upstream, three bare remotes, and a node per tool."""
+
+    def __init__(self, name, troops, tools, files=0, commits=1):
+        self.dir = os.path.join(SCRATCH, name)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        os.makedirs(self.dir)
+        self.troops, self.tools = troops, tools
+        self.upstream = make_repo(os.path.join(self.dir, "upstream"), files, commits)
+        self.remotes = []
+        for r in "abc":
+            p = os.path.join(self.dir, f"{r}.git")
+            sh("git", "init", "-q", "--bare", p)
+            self.remotes.append(p)
+        push_all(self.upstream, self.remotes)
+        self.root = os.path.join(self.dir, "troops-node")
+        self.group = "bench" + str(os.getpid())
+
+    def troops_init(self, root=None):
+        root = root or self.root
+        args = [self.troops, "--root", root, "init", "--no-pull", "--group", self.group]
+        for name, p in zip("abc", self.remotes):
+            args += ["--remote", f"{name}=file://{p}"]
+        sh(*args)
+
+    def floor_setup(self):
+        self.floor_repo = os.path.join(self.dir, "floor.git")
+        self.floor_wt = os.path.join(self.dir, "floor-wt")
+        os.makedirs(self.floor_wt, exist_ok=True)
+        sh("git", "init", "-q", "--bare", self.floor_repo)
+        for name, p in zip("abc", self.remotes):
+            sh("git", "-C", self.floor_repo, "remote", "add", name, f"file://{p}")
+        self.floor_venv = os.path.join(self.dir, "floor-venv")
+        sh(PY, "-m", "venv", "--without-pip", self.floor_venv)
+        self.floor_script = os.path.join(self.dir, "floor.sh")
+        with open(self.floor_script, "w") as f:
+            f.write(FLOOR)
+        os.chmod(self.floor_script, 0o755)
+
+    def floor_argv(self):
+        return ["/bin/sh", self.floor_script, self.floor_repo, self.floor_wt, self.floor_venv]
+
+    def ansible_argv(self):
+        return [os.path.join(self.tools, "bin", "ansible-pull"), "-U", f"file://{self.remotes[0]}", "-d", os.path.join(self.dir, "ansible-checkout"), "-i", "localhost,", "-o", "local.yml"]
+
+    def ansible_env(self):
+        env = dict(ENV)
+        env["ANSIBLE_PYTHON_INTERPRETER"] = PY
+        env["ANSIBLE_LOCALHOST_WARNING"] = "false"
+        env["ANSIBLE_HOME"] = os.path.join(self.dir, "ansible-home")
+        return env
+
+
+def summary(samples):
+    walls = [s[0] for s in samples]
+    rss = [s[1] for s in samples]
+    return {"median_s": statistics.median(walls), "min_s": min(walls), "max_s": max(walls), "peak_rss_mib": max(rss) / 1024, "runs": len(samples)}
+
+
+def interleave(tools, runs, before=None):
+    """Run each tool `runs` times, round-robin; `before(name)` prepares each run untimed."""
+    samples = {name: [] for name in tools}
+    for i in range(runs):
+        for name, (argv, env, n) in tools.items():
+            if i >= n:
+                continue
+            if before:
+                before(name)
+            samples[name].append(measure(argv, env))
+    return {name: summary(s) for name, s in samples.items() if s}
+
+
+def scenario_polls(label, fleet, with_ansible):
+    fleet.troops_init()
+    sh(fleet.troops, "--root", fleet.root, "pull")
+    fleet.floor_setup()
+    sh(*fleet.floor_argv())
+    tools = {
+        "troops": ([fleet.troops, "--root", fleet.root, "pull"], ENV, RUNS),
+        "git-floor": (fleet.floor_argv(), ENV, RUNS),
+    }
+    if with_ansible:
+        sh(*fleet.ansible_argv(), env=fleet.ansible_env())
+        tools["ansible-pull"] = (fleet.ansible_argv(), fleet.ansible_env(), SLOW_RUNS)
+    results = {f"noop{label}": interleave(tools, RUNS)}
+    counter = [0]
+
+    def before(name):
+        # Every tool sees a commit it has not deployed yet.
+        counter[0] += 1
+        new_commit(fleet.upstream, fleet.remotes, f"{name}-{counter[0]}")
+
+    results[f"changed{label}"] = interleave(tools, RUNS, before)
+    return results
+
+
+def scenario_first(label, fleet, runs):
+    samples = []
+    for i in range(runs):
+        root = os.path.join(fleet.dir, f"first-{i}")
+        shutil.rmtree(root, ignore_errors=True)
+        fleet.troops_init(root)
+        samples.append(measure([fleet.troops, "--root", root, "pull"]))
+        shutil.rmtree(root, ignore_errors=True)
+    return {f"first{label}": {"troops": summary(samples)}}
+
+
+def scenario_requirements(fleet, tools_dir, runs):
+    fleet.troops_init()
+    sh(fleet.troops, "--root", fleet.root, "pull")
+    out = {}
+    for name, path in [("reqs-uv", os.path.join(tools_dir, "bin") + ":" + ENV["PATH"]), ("reqs-pip", ENV["PATH"])]:
+        env = dict(ENV, PATH=path)
+        samples = []
+        for i in range(runs):
+            with open(os.path.join(fleet.upstream, "requirements.txt"), "a") as f:
+                f.write(f"# change {name} {i}\n")
+            git(fleet.upstream, "commit", "-q", "-am", f"{name} {i}")
+            push_all(fleet.upstream, fleet.remotes)
+            samples.append(measure([fleet.troops, "--root", fleet.root, "pull"], env))
+        out[name] = {"troops": summary(samples)}
+    return out
+
+
+def main():
+    troops, tools = setup_tools()
+    results = {}
+    small = Fleet("small", troops, tools)
+    try:
+        sh("groupadd", "--system", small.group)
+        results.update(scenario_polls("", small, True))
+        results.update(scenario_first("", small, SLOW_RUNS))
+        large = Fleet("large", troops, tools, files=2000, commits=1000)
+        results.update(scenario_polls("-large", large, False))
+        results.update(scenario_first("-large", large, SLOW_RUNS))
+        results.update(scenario_requirements(Fleet("reqs", troops, tools), tools, SLOW_RUNS))
+    finally:
+        sh("groupdel", small.group, check=False)
+
+    lines = [f"{'scenario':<15} {'tool':<13} {'median':>9} {'min-max':>19} {'peak RSS':>9} {'troops/peer':>12}"]
+    for scen, tools_ in results.items():
+        t = tools_.get("troops")
+        for name, r in tools_.items():
+            ratio = "" if name == "troops" or not t else f"{t['median_s'] / r['median_s']:.2f}x"
+            r["troops_over_peer"] = None if not ratio else t["median_s"] / r["median_s"]
+            lines.append(
+                f"{scen:<15} {name:<13} {r['median_s'] * 1000:>7.1f}ms {r['min_s'] * 1000:>8.1f}-{r['max_s'] * 1000:<8.1f}ms {r['peak_rss_mib']:>6.1f}MiB {ratio:>12}"
+            )
+    machine = f"{os.cpu_count()} cores, {sh('uname', '-r').stdout.strip()}, {sh('git', '--version').stdout.strip()}"
+    table = "\n".join(lines)
+    print(f"\n{table}\n\nmachine: {machine}")
+    with open(os.path.join(HERE, "results.json"), "w") as f:
+        json.dump({"machine": machine, "runs": RUNS, "results": results}, f, indent=2)
+    print(f"wrote {os.path.join(HERE, 'results.json')}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
