@@ -66,7 +66,11 @@ impl RunLog<'_> {
 /// Build `commit`'s tree into `work/<commit>` from scratch. Older checkouts are moved aside
 /// at once and deleted by the returned thread while the deploy runs: on a large tree the
 /// deletion costs as much as the checkout.
-fn materialise(repo: &Repo, commit: CommitId, work: &Path) -> Result<(PathBuf, std::thread::JoinHandle<()>), String> {
+fn materialise(
+    repo: &Repo,
+    commit: CommitId,
+    work: &Path,
+) -> Result<(PathBuf, std::thread::JoinHandle<()>), String> {
     fsutil::create_dirs(work, 0o755).map_err(|e| format!("{}: {e}", work.display()))?;
     // Leftovers of a run that died mid-checkout, and checkouts of older commits.
     let mut doomed = Vec::new();
