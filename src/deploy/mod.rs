@@ -285,7 +285,7 @@ fn deploy_checkout(
     };
     let scratch = layout.runs().join(record.id.to_string());
     log.last = None;
-    let outcome = python::run_deploy_py(&venv_dir, &checkout, &context, &scratch, &mut |l| {
+    let outcome = python::run_deploy_py(&venv_dir, checkout, &context, &scratch, &mut |l| {
         log.line(l)
     })
     .map_err(|e| {
