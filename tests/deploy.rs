@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::util::*;
 
@@ -206,22 +206,8 @@ fn a_deploy_killed_mid_run_is_deployed_again_and_nothing_is_corrupt() {
         ),
     );
     let head = t.ship("slow");
-    let mut pull = t
-        .node
-        .command(&["pull"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let log = t.node.path("var/lib/troops/runs/1.log");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("started")
-    {
-        assert!(Instant::now() < deadline, "deploy.py never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut pull = t.node.spawn(&["pull"]);
+    t.node.wait_for_log(1, "started");
     pull.kill().unwrap(); // SIGKILL
     pull.wait().unwrap();
     // deploy.py dies with the agent rather than running on unobserved.

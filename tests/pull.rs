@@ -263,13 +263,7 @@ fn two_pulls_at_once_deploy_each_commit_once() {
     for r in &f.remotes {
         f.up.push(r);
     }
-    let a = f
-        .node
-        .command(&["pull"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let a = f.node.spawn(&["pull"]);
     let b = f.node.command(&["pull"]).output().unwrap();
     let a = a.wait_with_output().unwrap();
     let (a, b): (Run, Run) = (a.into(), b.into());

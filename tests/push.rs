@@ -296,22 +296,8 @@ fn runs_from_pushes_deploys_and_the_timer_take_turns_and_none_is_lost() {
     s.up.push(&remote);
 
     // A pull by the timer (root) is running when the push and a deploy arrive.
-    let pull = s
-        .node
-        .command(&["pull"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let log = s.node.path("var/lib/troops/runs/1.log");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("start")
-    {
-        assert!(Instant::now() < deadline, "the pull's deploy never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let pull = s.node.spawn(&["pull"]);
+    s.node.wait_for_log(1, "start");
     s.up.write("later.txt", "x");
     let pushed = s.up.commit("pushed during the pull");
     let (a, b) = std::thread::scope(|scope| {

@@ -229,6 +229,31 @@ impl Node {
         c
     }
 
+    /// `troops` started in the background, its output collected for `wait_with_output`.
+    pub fn spawn(&self, args: &[&str]) -> std::process::Child {
+        self.command(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("troops starts")
+    }
+
+    /// Wait until run `id`'s log holds `text`: a deploy has got that far.
+    pub fn wait_for_log(&self, id: u64, text: &str) {
+        let log = self.path(&format!("var/lib/troops/runs/{id}.log"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(text)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "run {id} never printed {text:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     pub fn troops(&self, args: &[&str]) -> Run {
         self.command(args).output().expect("troops runs").into()
     }
