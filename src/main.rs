@@ -69,6 +69,7 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
         Command::Run(args) => cli::run::run(root, args),
         Command::Fetch(args) => cli::fetch_worker::run(root, args),
         Command::Serve => cli::serve::run(root),
+        Command::Assets(args) => cli::generate::run(args),
         Command::Hook(args) => cli::hook::run(root, args),
     }
 }

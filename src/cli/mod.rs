@@ -3,6 +3,7 @@
 
 pub mod deploy;
 pub mod fetch_worker;
+pub mod generate;
 pub mod hook;
 pub mod init;
 pub mod key;
@@ -61,6 +62,8 @@ pub enum Command {
     Serve,
     /// What the bare repo's hooks run for a git push.
     Hook(hook::Args),
+    #[command(name = "__assets", hide = true)]
+    Assets(generate::Args),
     #[command(name = "__fetch", hide = true)]
     Fetch(fetch_worker::Args),
 }
