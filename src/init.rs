@@ -76,6 +76,14 @@ impl Plan {
     }
 }
 
+/// troops-pull.timer's interval and splay from the settings (systemd reads drop-ins over
+/// the packaged unit; a stable per-host splay spreads a fleet over one interval).
+pub fn timer_dropin(interval: u64) -> String {
+    format!(
+        "# Written by `troops init` from `interval` in /etc/troops/troops.toml.\n[Timer]\nOnUnitActiveSec=\nOnUnitActiveSec={interval}s\nRandomizedDelaySec={interval}s\n"
+    )
+}
+
 /// `'…'` for sh, whatever the path holds.
 fn sh_quote(p: &Path) -> String {
     format!("'{}'", p.display().to_string().replace('\'', "'\\''"))
@@ -241,6 +249,12 @@ pub fn plan(layout: &Layout, req: &Request) -> Result<Plan, InitError> {
         ),
         None => {}
     }
+    want_file(
+        layout.timer_dropin(),
+        timer_dropin(settings.interval),
+        0o644,
+        "pull timer",
+    );
     if let Some(lines) = &seed.allowed_signers {
         want_file(
             layout.allowed_signers(),
@@ -314,6 +328,7 @@ impl StagedFile {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let dir = dest.parent().unwrap_or(Path::new("/"));
+        fsutil::create_dirs(dir, 0o755).map_err(io_err(dir))?;
         let tmp = dir.join(format!(
             ".{}.init-{}",
             dest.file_name().unwrap_or_default().to_string_lossy(),

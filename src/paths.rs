@@ -34,6 +34,10 @@ impl Layout {
     pub fn system_gitconfig(&self) -> PathBuf {
         self.under("etc/gitconfig")
     }
+    /// The drop-in that sets troops-pull.timer's interval from the settings.
+    pub fn timer_dropin(&self) -> PathBuf {
+        self.under("etc/systemd/system/troops-pull.timer.d/troops-interval.conf")
+    }
     pub fn ssh_dir(&self) -> PathBuf {
         self.under("var/lib/troops/ssh")
     }

@@ -84,6 +84,8 @@ pub struct Settings {
     pub imds_deadline: u64,
     /// Whether a push may update refs other than the followed branch.
     pub allow_other_refs: bool,
+    /// Seconds between pulls by troops-pull.timer (init writes the timer's drop-in).
+    pub interval: u64,
     /// This node's rollout bucket in [0, 100); unset: derived from /etc/machine-id. A node
     /// pinned to 0 is a permanent canary.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -111,6 +113,7 @@ impl Default for Settings {
             imds_deadline: 120,
             allow_other_refs: false,
             keepalive: 30,
+            interval: 300,
             bucket: None,
         }
     }
@@ -170,6 +173,9 @@ impl Settings {
         }
         if self.bucket.is_some_and(|b| b >= 100) {
             return value("bucket", "a whole number from 0 to 99");
+        }
+        if self.interval < 10 {
+            return value("interval", "at least 10 (seconds)");
         }
         if self.keepalive == 0 {
             return value("keepalive", "at least 1 (seconds)");

@@ -3,6 +3,7 @@
 
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
 use std::process::Command;
 
 use crate::imds_fake::{FakeImds, Mode};
@@ -593,4 +594,55 @@ fn init_pulls_and_deploys_unless_told_not_to() {
         out.stdout
     );
     assert_eq!(node.deployed().as_deref(), Some(head.as_str()));
+}
+
+#[test]
+fn the_pull_interval_comes_from_the_settings() {
+    let world = World::new();
+    let remote = world.bare("origin");
+    let node = world.node("timer");
+    node.init(&[("origin", &remote)], &[]);
+    let dropin = node.path("etc/systemd/system/troops-pull.timer.d/troops-interval.conf");
+    assert!(
+        node.read("etc/systemd/system/troops-pull.timer.d/troops-interval.conf")
+            .unwrap()
+            .contains("OnUnitActiveSec=300s")
+    );
+    node.set("interval", "60");
+    let out = node.init(&[], &[]);
+    assert!(out.stdout.contains("pull timer: write"), "{}", out.stdout);
+    let text = std::fs::read_to_string(&dropin).unwrap();
+    assert!(
+        text.contains("OnUnitActiveSec=\nOnUnitActiveSec=60s\n")
+            && text.contains("RandomizedDelaySec=60s"),
+        "{text}"
+    );
+    // systemd accepts it over the packaged timer.
+    let units = world.path("units");
+    std::fs::create_dir_all(units.join("troops-pull.timer.d")).unwrap();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/units/troops-pull/troops-pull.timer"),
+        units.join("troops-pull.timer"),
+    )
+    .unwrap();
+    std::fs::write(
+        units.join("troops-pull.service"),
+        "[Service]\nType=oneshot\nExecStart=/bin/true\n",
+    )
+    .unwrap();
+    std::fs::copy(
+        &dropin,
+        units.join("troops-pull.timer.d/troops-interval.conf"),
+    )
+    .unwrap();
+    let verify = Command::new("systemd-analyze")
+        .args(["verify", "--man=no", "./troops-pull.timer"])
+        .current_dir(&units)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success() && verify.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
 }

@@ -175,6 +175,10 @@ fn enable_timer(root: &Path) {
     if !Path::new("/usr/lib/systemd/system/troops-pull.timer").exists() {
         return;
     }
+    // The interval drop-in may have changed.
+    let _ = std::process::Command::new("systemctl")
+        .arg("daemon-reload")
+        .status();
     let status = std::process::Command::new("systemctl")
         .args(["enable", "--now", "troops-pull.timer"])
         .status();
