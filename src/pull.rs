@@ -258,6 +258,10 @@ pub fn pull(
     }
     if let Some(t) = target {
         repo.update_ref(&branch_ref, t, local, "troops: fast-forward from remotes")?;
+        // Only when something arrived: a no-op poll stays a no-op.
+        if let Err(e) = repo.maintain() {
+            tracing::warn!("{e}");
+        }
         tracing::info!(
             commit = %t,
             "{} moved {} -> {}",

@@ -360,6 +360,30 @@ impl Repo {
         Ok(())
     }
 
+    /// `git gc --auto`: gix never repacks, and every fetch that brings objects adds a pack;
+    /// git's own thresholds (gc.autoPackLimit, gc.auto) decide whether anything is done.
+    pub fn maintain(&self) -> Result<(), RepoError> {
+        let out = std::process::Command::new("git")
+            .arg("--git-dir")
+            .arg(&self.path)
+            // In the foreground: a detached gc would be killed with a oneshot unit's cgroup.
+            .args(["-c", "gc.autoDetach=false", "gc", "--auto", "--quiet"])
+            .output()
+            .map_err(|e| RepoError::Git {
+                path: self.path.clone(),
+                what: "run git gc --auto".into(),
+                message: e.to_string(),
+            })?;
+        if !out.status.success() {
+            return Err(RepoError::Git {
+                path: self.path.clone(),
+                what: "run git gc --auto".into(),
+                message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        Ok(())
+    }
+
     /// The commit a ref points at, peeled; `Ok(None)` if the ref does not exist.
     pub fn ref_target(&self, name: &str) -> Result<Option<CommitId>, RepoError> {
         let Some(mut r) = self

@@ -308,3 +308,32 @@ fn mirrors_sending_the_same_pack_at_once_all_fetch_cleanly() {
         }
     }
 }
+
+#[test]
+fn packs_do_not_pile_up() {
+    // gix never repacks; after pulls that bring commits, git gc --auto does, at git's own
+    // thresholds (made small here).
+    let f = fleet();
+    git(&f.node.repo(), &["config", "gc.autoPackLimit", "4"]);
+    let packs = || {
+        std::fs::read_dir(f.node.repo().join("objects/pack"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "pack")
+            })
+            .count()
+    };
+    for i in 0..8 {
+        f.up.write("n.txt", &i.to_string());
+        f.up.commit(&format!("c{i}"));
+        f.up.push(&f.remotes[0]);
+        f.node.troops(&["pull"]).ok();
+    }
+    assert!(packs() <= 5, "{} packs after 8 pulls", packs());
+    f.node.fsck();
+    assert_eq!(f.node.deployed().as_deref(), Some(f.up.head().as_str()));
+}
