@@ -71,6 +71,21 @@ fn user_gid(user: &str) -> Result<Option<u32>, AccountError> {
     Ok(line.trim().split(':').nth(3).and_then(|g| g.parse().ok()))
 }
 
+/// The name of the user with `uid`, from the user database.
+pub fn user_name(uid: u32) -> Result<Option<String>, AccountError> {
+    let out = run("getent", &["passwd", &uid.to_string()])?;
+    if !out.status.success() {
+        return Ok(None);
+    }
+    let line = String::from_utf8_lossy(&out.stdout);
+    Ok(line
+        .split(':')
+        .next()
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(String::from))
+}
+
 pub fn user_exists(user: &str) -> Result<bool, AccountError> {
     Ok(user_gid(user)?.is_some())
 }

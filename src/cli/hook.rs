@@ -75,12 +75,14 @@ fn unsigned(
     old: Option<troops::repo::CommitId>,
     new: troops::repo::CommitId,
 ) -> Result<Option<String>> {
-    let commits = match node.settings.verify {
-        Verify::None => return Ok(None),
-        Verify::Tip => vec![new],
-        Verify::All => troops::gate::verifier(node, None)?.rev_list(new, old)?,
-    };
+    if node.settings.verify == Verify::None {
+        return Ok(None);
+    }
     let verifier = troops::gate::verifier(node, None)?;
+    let commits = match node.settings.verify {
+        Verify::All => verifier.rev_list(new, old)?,
+        _ => vec![new],
+    };
     for c in commits {
         if let Err(why) = verifier.check(c)? {
             return Ok(Some(why));

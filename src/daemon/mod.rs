@@ -106,18 +106,6 @@ fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
     Ok(cred.uid)
 }
 
-fn user_name(uid: u32) -> Option<String> {
-    let out = std::process::Command::new("getent")
-        .args(["passwd", &uid.to_string()])
-        .output()
-        .ok()?;
-    let line = String::from_utf8_lossy(&out.stdout);
-    line.split(':')
-        .next()
-        .filter(|n| !n.is_empty())
-        .map(|n| n.trim().to_owned())
-}
-
 /// Serve forever. `exe` is this program (for the pull's fetch workers).
 pub fn serve(listener: UnixListener, root: PathBuf, exe: PathBuf) -> ! {
     for conn in listener.incoming() {
@@ -176,7 +164,10 @@ fn handle(mut stream: UnixStream, root: &Path, exe: &Path) {
         }
     };
     let group = node.settings.admin_group.clone();
-    let user = user_name(uid).unwrap_or_else(|| format!("uid {uid}"));
+    let user = accounts::user_name(uid)
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| format!("uid {uid}"));
     let allowed = uid == 0 || accounts::is_member(&user, &group).unwrap_or(false);
     if !allowed {
         tracing::warn!(
