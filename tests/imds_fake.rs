@@ -39,7 +39,12 @@ struct State {
 
 impl FakeImds {
     pub fn start(mode: Mode, user_data: &[u8]) -> FakeImds {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        FakeImds::start_on(TcpListener::bind("127.0.0.1:0").unwrap(), mode, user_data)
+    }
+
+    /// Serve on a socket the caller bound (the booted tests bind one at EC2's own address
+    /// inside a node's network namespace).
+    pub fn start_on(listener: TcpListener, mode: Mode, user_data: &[u8]) -> FakeImds {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let requests = Arc::new(Mutex::new(Vec::new()));
         let state = Arc::new(State {

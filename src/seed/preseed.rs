@@ -150,7 +150,10 @@ pub fn parse_debconf_db(text: &str, origin: &str) -> Result<Option<Seed>, SeedEr
             answers.push((n, value));
         }
     }
-    from_answers(&answers, origin)
+    // Every installed package leaves its templates' defaults here (branch master, verify
+    // none): answers that name no remote are those defaults, not a seed, and must not hide
+    // cloud-init's user data or IMDS behind them.
+    Ok(from_answers(&answers, origin)?.filter(|seed| !seed.remotes.is_empty()))
 }
 
 #[cfg(test)]
@@ -205,5 +208,8 @@ troops troops/verify select tip
             parse_debconf_db("Name: other/x\nValue: y\n", "db").unwrap(),
             None
         );
+        // What a plain install leaves: the templates' defaults, no remotes.
+        let defaults = "Name: troops/remotes\nValue: \n\nName: troops/branch\nValue: master\n\nName: troops/verify\nValue: none\n";
+        assert_eq!(parse_debconf_db(defaults, "db").unwrap(), None);
     }
 }

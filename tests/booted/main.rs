@@ -1,0 +1,326 @@
+//! The package on booted Debian nodes: systemd as PID 1 (systemd-nspawn), the .deb
+//! installed by cloud-init, by dpkg with preseeded debconf answers, and with user data from
+//! a fake IMDSv2, on bookworm and on trixie; a git server node the nodes pull from over ssh;
+//! the pull timer; an admin pushing over ssh. Needs root, debootstrap, systemd-nspawn and
+//! the .deb in TROOPS_E2E_DEB (dev/test builds it first).
+
+#[path = "../imds_fake.rs"]
+#[allow(dead_code)]
+mod imds_fake;
+mod lab;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use lab::{Lab, Node, NodeSpec, image, run, wait_for};
+
+fn the_deb() -> PathBuf {
+    let deb = std::env::var_os("TROOPS_E2E_DEB").map(PathBuf::from).expect(
+        "TROOPS_E2E_DEB must name the .deb under test: run dev/test, or packaging/build-deb and export its output",
+    );
+    assert!(deb.is_file(), "TROOPS_E2E_DEB={}: no such file", deb.display());
+    deb
+}
+
+fn example(name: &str) -> String {
+    fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("cloud-init").join(name))
+        .unwrap()
+}
+
+/// Replace text that must be there: an example that changed shape fails here, loudly.
+fn must_replace(text: &str, from: &str, to: &str) -> String {
+    assert!(text.contains(from), "the example no longer contains {from:?}");
+    text.replace(from, to)
+}
+
+/// The operator's checkout of the deployment repository.
+struct Work {
+    dir: PathBuf,
+}
+
+impl Work {
+    fn git(&self, args: &[&str]) -> String {
+        let out = run(Command::new("git")
+            .arg("-C")
+            .arg(&self.dir)
+            .args(args)
+            .env("GIT_AUTHOR_NAME", "Operator")
+            .env("GIT_AUTHOR_EMAIL", "op@lab")
+            .env("GIT_COMMITTER_NAME", "Operator")
+            .env("GIT_COMMITTER_EMAIL", "op@lab")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_CONFIG_NOSYSTEM", "1"));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn commit(&self, message: &str) -> String {
+        fs::write(self.dir.join("version"), message).unwrap();
+        self.git(&["add", "-A"]);
+        self.git(&["commit", "-q", "-m", message]);
+        self.git(&["rev-parse", "HEAD"])
+    }
+
+    /// `git push` over ssh as the operator; what git printed (stdout and stderr).
+    fn push(&self, lab: &Lab, url: &str) -> String {
+        let out = run(Command::new("git")
+            .arg("-C")
+            .arg(&self.dir)
+            .args(["push", url, "master"])
+            .env("GIT_SSH_COMMAND", lab.ssh_command())
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_CONFIG_NOSYSTEM", "1"));
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+}
+
+/// deploy.py: leaves what it saw where the test can read it, and says so on stdout.
+const DEPLOY_PY: &str = r#"import json, os, sys
+import troops
+
+os.makedirs("/var/lib/e2e", exist_ok=True)
+seen = {
+    "commit": troops.commit,
+    "hostname": troops.hostname,
+    "roles": sorted(troops.roles),
+    "python": "%d.%d" % sys.version_info[:2],
+}
+with open("/var/lib/e2e/deployed.json.tmp", "w") as f:
+    json.dump(seen, f)
+os.replace("/var/lib/e2e/deployed.json.tmp", "/var/lib/e2e/deployed.json")
+print("e2e: deployed", troops.commit, "on", troops.hostname)
+"#;
+
+fn deployed(node: &Node) -> Option<serde_json::Value> {
+    let text = fs::read_to_string(node.path("/var/lib/e2e/deployed.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn wait_deployed(node: &Node, commit: &str) -> serde_json::Value {
+    wait_for(
+        Duration::from_secs(300),
+        &format!("{} to deploy {commit}", node.name),
+        || deployed(node).filter(|d| d["commit"] == commit),
+    )
+}
+
+/// The run record of the deploy of `commit`: it must say it succeeded.
+fn record_of(node: &Node, commit: &str) -> serde_json::Value {
+    let runs = node.path("/var/lib/troops/runs");
+    let record = fs::read_dir(&runs)
+        .unwrap_or_else(|e| panic!("{}: {e}", runs.display()))
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .filter_map(|e| serde_json::from_slice::<serde_json::Value>(&fs::read(e.path()).ok()?).ok())
+        .filter(|r| r["commit"] == commit)
+        .find(|r| r["result"] == "success");
+    record.unwrap_or_else(|| {
+        panic!(
+            "{} has no successful run record for {commit}:\n{}",
+            node.name,
+            node.ok("ls -l /var/lib/troops/runs; cat /var/lib/troops/runs/*.json")
+        )
+    })
+}
+
+/// The node's key, authorised for the git account on the server.
+fn authorise(lab: &Lab, node: &Node) {
+    let key = node.ok("troops key");
+    assert!(key.starts_with("ssh-rsa "), "troops key on {}: {key}", node.name);
+    lab.node("gitsrv")
+        .ok_with_input("cat >> /home/git/.ssh/authorized_keys", &key);
+}
+
+#[test]
+fn nodes_boot_install_the_package_and_deploy_themselves() {
+    let deb = the_deb();
+    let (bookworm, trixie) = std::thread::scope(|s| {
+        let b = s.spawn(|| image("bookworm"));
+        let t = s.spawn(|| image("trixie"));
+        (b.join().unwrap(), t.join().unwrap())
+    });
+    let mut lab = Lab::new();
+    let operator = lab.operator_key();
+
+    let work = Work {
+        dir: lab.dir.join("work"),
+    };
+    fs::create_dir_all(&work.dir).unwrap();
+    work.git(&["init", "-q", "-b", "master"]);
+    fs::write(work.dir.join("deploy.py"), DEPLOY_PY).unwrap();
+    let c1 = work.commit("first");
+
+    // The git server: a plain sshd with a git account the operator and the nodes use.
+    lab.boot(NodeSpec {
+        name: "gitsrv",
+        image: &bookworm,
+        nocloud: None,
+        imds: None,
+        deb: None,
+        prepare: &format!(
+            "useradd -m -s /bin/sh git
+             install -d -m700 /home/git/.ssh
+             echo '{operator}' > /home/git/.ssh/authorized_keys
+             git init -q --bare -b master /home/git/deploy
+             chown -R git:git /home/git"
+        ),
+    });
+    let gitsrv_ip = lab.node("gitsrv").ip.clone();
+    work.push(&lab, &format!("git@{gitsrv_ip}:deploy"));
+    let host_key = lab.node("gitsrv").ok("cat /etc/ssh/ssh_host_ed25519_key.pub");
+    let host_key: Vec<&str> = host_key.split_whitespace().take(2).collect();
+    let known_host = format!("gitsrv {}", host_key.join(" "));
+
+    // The examples operators copy, with this lab's names and keys in them.
+    let personalise = |text: &str| {
+        let text = must_replace(
+            text,
+            "repos.example.com ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl",
+            &known_host,
+        );
+        let text = must_replace(&text, "git@repos.example.com:deploy", "git@gitsrv:deploy");
+        let text = must_replace(
+            &text,
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIN0tAReaLKeyReplaceWithTheOperatorsOwnKey0000 ops@example.com",
+            &operator,
+        );
+        // The test may shorten the interval through settings: ten seconds, not two minutes.
+        must_replace(&text, "interval = 120", "interval = 10")
+    };
+
+    // 1. cloud-init installs the package from a NoCloud seed (the YAML example).
+    lab.boot(NodeSpec {
+        name: "cloud",
+        image: &bookworm,
+        nocloud: Some(personalise(&example("user-data.yaml"))),
+        imds: None,
+        deb: Some(&deb),
+        prepare: "",
+    });
+    // 6. The same .deb on trixie, from the MIME example.
+    lab.boot(NodeSpec {
+        name: "trixie",
+        image: &trixie,
+        nocloud: Some(personalise(&example("user-data.mime"))),
+        imds: None,
+        deb: Some(&deb),
+        prepare: "",
+    });
+    for name in ["cloud", "trixie"] {
+        let node = lab.node(name);
+        let init = node.journal("troops-init.service");
+        assert!(
+            init.contains("troops: seed from /var/lib/cloud/instance/user-data.txt"),
+            "{name}: troops-init.service did not take cloud-init's user data:\n{init}\n{}",
+            node.journal("cloud-final.service")
+        );
+        assert!(node.path("/var/lib/troops/.init-done").exists(), "{name}: no init marker");
+        assert!(node.ok("id -nG ops").split_whitespace().any(|g| g == "troops"), "{name}: ops is no admin");
+        let timer = node.ok("systemctl is-enabled troops-pull.timer; systemctl is-active troops-pull.timer; systemctl cat troops-pull.timer");
+        assert!(timer.starts_with("enabled\nactive\n"), "{name}: {timer}");
+        assert!(timer.contains("OnUnitActiveSec=10s"), "{name}: the interval did not reach the timer:\n{timer}");
+    }
+
+    // 4. dpkg with preseeded debconf answers.
+    lab.boot(NodeSpec {
+        name: "preseed",
+        image: &bookworm,
+        nocloud: None,
+        imds: None,
+        deb: Some(&deb),
+        prepare: "mkdir -p /etc/troops; echo 'interval = 10' > /etc/troops/troops.toml",
+    });
+    let answers = format!(
+        "troops troops/remotes string origin=git@gitsrv:deploy\n\
+         troops troops/roles string db\n\
+         troops troops/branch string master\n\
+         troops troops/known_hosts string {known_host}\n"
+    );
+    let preseed = lab.node("preseed");
+    preseed.ok_with_input("debconf-set-selections", &answers);
+    let installed = preseed.ok("DEBIAN_FRONTEND=noninteractive dpkg -i /var/tmp/troops.deb 2>&1");
+    assert!(installed.contains("troops: seed from"), "the postinst did not init from the answers:\n{installed}");
+    let settings = fs::read_to_string(preseed.path("/etc/troops/troops.toml")).unwrap();
+    assert!(settings.contains("\"db\""), "roles from debconf did not land: {settings}");
+
+    // 5. User data from a fake IMDSv2 at EC2's address, inside the node's own namespace,
+    // named by the imds setting (the JSON example).
+    let imds_user_data = must_replace(&personalise(&example("user-data.json")), "\"roles\": [\"web\"]", "\"roles\": [\"web\", \"imds\"]");
+    lab.boot(NodeSpec {
+        name: "imds",
+        image: &bookworm,
+        nocloud: None,
+        imds: Some(imds_user_data.into_bytes()),
+        deb: Some(&deb),
+        prepare: "mkdir -p /etc/troops; printf 'imds = \"http://169.254.169.254\"\\ninterval = 10\\n' > /etc/troops/troops.toml",
+    });
+    let imds = lab.node("imds");
+    imds.ok("DEBIAN_FRONTEND=noninteractive dpkg -i /var/tmp/troops.deb");
+    let init = wait_for(Duration::from_secs(120), "troops-init.service on imds", || {
+        let j = imds.journal("troops-init.service");
+        j.contains("troops: seed from").then_some(j)
+    });
+    assert!(init.contains("troops: seed from EC2 user data (http://169.254.169.254)"), "{init}");
+    let asked = imds.imds.as_ref().unwrap().log();
+    assert!(asked.iter().any(|r| r == "PUT /latest/api/token"), "{asked:?}");
+    assert!(asked.iter().any(|r| r == "GET /latest/user-data"), "{asked:?}");
+
+    // Until the git server knows a node's key its pulls fail; once it does, the timer
+    // deploys with no one touching the node.
+    let nodes = ["cloud", "trixie", "preseed", "imds"];
+    for name in nodes {
+        authorise(&lab, lab.node(name));
+    }
+    for name in nodes {
+        let node = lab.node(name);
+        let seen = wait_deployed(node, &c1);
+        assert_eq!(seen["hostname"], name);
+        let record = record_of(node, &c1);
+        let journal = node.journal("troops-init.service -u troops-pull.service");
+        assert!(
+            journal.contains(&format!("e2e: deployed {c1} on {name}")),
+            "{name}: deploy.py's output is not in the journal:\n{journal}"
+        );
+        let roles = match name {
+            "preseed" => vec!["db"],
+            "imds" => vec!["imds", "web"],
+            _ => vec!["web"],
+        };
+        assert_eq!(seen["roles"], serde_json::json!(roles), "{name}");
+        assert_eq!(record["roles"], serde_json::json!(roles), "{name}");
+    }
+    assert_eq!(deployed(lab.node("trixie")).unwrap()["python"], "3.13");
+    assert_eq!(deployed(lab.node("cloud")).unwrap()["python"], "3.11");
+
+    // 2. A new commit on the server: the timer picks it up everywhere.
+    let c2 = work.commit("second");
+    work.push(&lab, &format!("git@{gitsrv_ip}:deploy"));
+    for name in nodes {
+        let node = lab.node(name);
+        wait_deployed(node, &c2);
+        let record = record_of(node, &c2);
+        assert_eq!(record["previous"], c1.as_str(), "{name}");
+        let pulls = node.journal("troops-pull.service");
+        assert!(
+            pulls.contains(&format!("e2e: deployed {c2} on {name}")),
+            "{name}: the deploy of {c2} was not the timer's:\n{pulls}"
+        );
+    }
+
+    // 3. The admin the seed named pushes to the node over ssh and sees the deploy.
+    let c3 = work.commit("third");
+    let cloud = lab.node("cloud");
+    let said = work.push(&lab, &format!("ops@{}:/var/lib/troops/repo/main.git", cloud.ip));
+    assert!(
+        said.contains(&format!("remote: e2e: deployed {c3} on cloud")),
+        "the pusher did not see the deploy:\n{said}"
+    );
+    wait_deployed(cloud, &c3);
+    let record = record_of(cloud, &c3);
+    assert!(record["trigger"].as_str().unwrap().contains("ops"), "{record}");
+}
