@@ -24,8 +24,10 @@ need_apt() {
 # openssh-server: the tests run a real sshd on a loopback port (never started as a service
 # by them). passwd: useradd/groupadd for throwaway admin users and groups. systemd:
 # systemd-socket-activate, to test the daemon taking its socket the way troops.socket hands it.
-# lintian: the package check (packaging/check-deb).
-need_apt git python3 python3-venv openssh-client openssh-server passwd procps ca-certificates gzip systemd gnupg lintian
+# lintian: the package check (packaging/check-deb). debootstrap, systemd-container
+# (systemd-nspawn) and iproute2: the booted test's Debian images, nodes and their network.
+need_apt git python3 python3-venv openssh-client openssh-server passwd procps ca-certificates gzip systemd gnupg lintian \
+    debootstrap systemd-container iproute2 util-linux
 
 if ! command -v cargo >/dev/null; then
     # shellcheck disable=SC1091

@@ -79,8 +79,11 @@ impl Plan {
 /// troops-pull.timer's interval and splay from the settings (systemd reads drop-ins over
 /// the packaged unit; a stable per-host splay spreads a fleet over one interval).
 pub fn timer_dropin(interval: u64) -> String {
+    // The empty assignment that drops the packaged interval resets every monotonic trigger
+    // of the timer, not only OnUnitActiveSec: the first run (OnActiveSec) must be stated
+    // again, or the timer never fires. Found by the booted test.
     format!(
-        "# Written by `troops init` from `interval` in /etc/troops/troops.toml.\n[Timer]\nOnUnitActiveSec=\nOnUnitActiveSec={interval}s\nRandomizedDelaySec={interval}s\n"
+        "# Written by `troops init` from `interval` in /etc/troops/troops.toml.\n[Timer]\nOnUnitActiveSec=\nOnActiveSec=1min\nOnUnitActiveSec={interval}s\nRandomizedDelaySec={interval}s\n"
     )
 }
 

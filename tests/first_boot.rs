@@ -612,8 +612,10 @@ fn the_pull_interval_comes_from_the_settings() {
     let out = node.init(&[], &[]);
     assert!(out.stdout.contains("pull timer: write"), "{}", out.stdout);
     let text = std::fs::read_to_string(&dropin).unwrap();
+    // The reset clears every monotonic trigger: the first run must be restated after it, or
+    // the timer never fires (seen on a booted node).
     assert!(
-        text.contains("OnUnitActiveSec=\nOnUnitActiveSec=60s\n")
+        text.contains("OnUnitActiveSec=\nOnActiveSec=1min\nOnUnitActiveSec=60s\n")
             && text.contains("RandomizedDelaySec=60s"),
         "{text}"
     );

@@ -117,7 +117,9 @@ impl Lab {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         let key = dir.join("operator");
-        run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", "operator@lab", "-f"]).arg(&key));
+        run(Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "operator@lab", "-f"])
+            .arg(&key));
         let net = format!("10.77.{}", pid % 250);
         let lab = Lab {
             dir,
@@ -127,7 +129,13 @@ impl Lab {
             key,
         };
         ip(&["link", "add", &lab.bridge, "type", "bridge"]);
-        ip(&["addr", "add", &format!("{}.1/24", lab.net), "dev", &lab.bridge]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}.1/24", lab.net),
+            "dev",
+            &lab.bridge,
+        ]);
         ip(&["link", "set", &lab.bridge, "up"]);
         lab
     }
@@ -186,14 +194,20 @@ impl Lab {
             imds: None,
         });
         let i = self.nodes.len() - 1;
-        run(Command::new("mount").args(["-t", "overlay", "overlay", "-o"]).arg(format!(
-            "lowerdir={},upperdir={},workdir={}",
-            spec.image.display(),
-            dir.join("upper").display(),
-            dir.join("work").display()
-        )).arg(&root));
+        run(Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o"])
+            .arg(format!(
+                "lowerdir={},upperdir={},workdir={}",
+                spec.image.display(),
+                dir.join("upper").display(),
+                dir.join("work").display()
+            ))
+            .arg(&root));
         fs::write(root.join("etc/hostname"), format!("{}\n", spec.name)).unwrap();
-        let mut hosts = format!("127.0.0.1 localhost\n127.0.1.1 {}\n{}.1 labhost\n", spec.name, self.net);
+        let mut hosts = format!(
+            "127.0.0.1 localhost\n127.0.1.1 {}\n{}.1 labhost\n",
+            spec.name, self.net
+        );
         for n in NAMES {
             hosts.push_str(&format!("{} {n}\n", self.address(n)));
         }
@@ -203,7 +217,10 @@ impl Lab {
             fs::create_dir_all(&seed).unwrap();
             fs::write(
                 seed.join("meta-data"),
-                format!("instance-id: iid-{}-{pid}\nlocal-hostname: {}\n", spec.name, spec.name),
+                format!(
+                    "instance-id: iid-{}-{pid}\nlocal-hostname: {}\n",
+                    spec.name, spec.name
+                ),
             )
             .unwrap();
             fs::write(seed.join("user-data"), user_data).unwrap();
@@ -212,13 +229,17 @@ impl Lab {
             fs::copy(deb, root.join("var/tmp/troops.deb")).unwrap();
         }
         if !spec.prepare.is_empty() {
-            run(Command::new("chroot").arg(&root).args(["sh", "-euc", spec.prepare]));
+            run(Command::new("chroot")
+                .arg(&root)
+                .args(["sh", "-euc", spec.prepare]));
         }
 
         // The node's network: eth0 on the lab bridge, no default route, so that anything
         // meant for outside the lab fails at once.
         ip(&["netns", "add", &netns]);
-        ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &netns]);
+        ip(&[
+            "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &netns,
+        ]);
         ip(&["link", "set", &veth, "master", &self.bridge, "up"]);
         let ns = |args: &[&str]| {
             let mut all = vec!["-n", netns.as_str()];
@@ -327,7 +348,10 @@ pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>
         if let Some(v) = f() {
             return v;
         }
-        assert!(start.elapsed() < limit, "gave up after {limit:?} waiting for {what}");
+        assert!(
+            start.elapsed() < limit,
+            "gave up after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
 }
@@ -365,7 +389,12 @@ impl Node {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
         let out = child.wait_with_output().unwrap();
         assert!(
             out.status.success(),
@@ -379,7 +408,11 @@ impl Node {
 
     /// The node's journal for this boot, for one unit or (empty) all of it.
     pub fn journal(&self, unit: &str) -> String {
-        let filter = if unit.is_empty() { String::new() } else { format!("-u {unit}") };
+        let filter = if unit.is_empty() {
+            String::new()
+        } else {
+            format!("-u {unit}")
+        };
         String::from_utf8_lossy(
             &self
                 .sh(&format!("journalctl -b --no-pager -o cat {filter}"))
@@ -397,11 +430,19 @@ impl Node {
         if let Some(mut child) = self.nspawn.take() {
             if self.leader != 0 {
                 let _ = Command::new("nsenter")
-                    .args(["-t", &self.leader.to_string(), "-a", "systemctl", "poweroff"])
+                    .args([
+                        "-t",
+                        &self.leader.to_string(),
+                        "-a",
+                        "systemctl",
+                        "poweroff",
+                    ])
                     .output();
             }
             let start = Instant::now();
-            while child.try_wait().ok().flatten().is_none() && start.elapsed() < Duration::from_secs(20) {
+            while child.try_wait().ok().flatten().is_none()
+                && start.elapsed() < Duration::from_secs(20)
+            {
                 std::thread::sleep(Duration::from_millis(100));
             }
             if child.try_wait().ok().flatten().is_none() {
@@ -413,12 +454,21 @@ impl Node {
                 let _ = child.wait();
             }
         }
-        let _ = Command::new("ip").args(["link", "del", &self.veth]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.veth])
+            .output();
         if !self.netns.is_empty() {
-            let _ = Command::new("ip").args(["netns", "del", &self.netns]).output();
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.netns])
+                .output();
         }
         let root = self.dir.join("root");
-        if Command::new("mountpoint").arg("-q").arg(&root).status().is_ok_and(|s| s.success()) {
+        if Command::new("mountpoint")
+            .arg("-q")
+            .arg(&root)
+            .status()
+            .is_ok_and(|s| s.success())
+        {
             let _ = Command::new("umount").arg(&root).status();
             let _ = Command::new("umount").arg("-l").arg(&root).output();
         }
@@ -436,6 +486,12 @@ impl Drop for Lab {
                     for l in tail.iter().rev() {
                         eprintln!("{l}");
                     }
+                    let units = n.sh("systemctl list-timers --all --no-pager; systemctl status --no-pager -n 20 troops-init.service troops-pull.timer troops-pull.service troops.socket");
+                    eprintln!(
+                        "---- units of {}\n{}",
+                        n.name,
+                        String::from_utf8_lossy(&units.stdout)
+                    );
                 }
             }
         }
@@ -453,7 +509,9 @@ impl Drop for Lab {
                     .output();
             }
         }
-        let _ = Command::new("ip").args(["link", "del", &self.bridge]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .output();
         let _ = fs::remove_dir_all(&self.dir);
     }
 }

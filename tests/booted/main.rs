@@ -20,18 +20,29 @@ fn the_deb() -> PathBuf {
     let deb = std::env::var_os("TROOPS_E2E_DEB").map(PathBuf::from).expect(
         "TROOPS_E2E_DEB must name the .deb under test: run dev/test, or packaging/build-deb and export its output",
     );
-    assert!(deb.is_file(), "TROOPS_E2E_DEB={}: no such file", deb.display());
+    assert!(
+        deb.is_file(),
+        "TROOPS_E2E_DEB={}: no such file",
+        deb.display()
+    );
     deb
 }
 
 fn example(name: &str) -> String {
-    fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("cloud-init").join(name))
-        .unwrap()
+    fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("cloud-init")
+            .join(name),
+    )
+    .unwrap()
 }
 
 /// Replace text that must be there: an example that changed shape fails here, loudly.
 fn must_replace(text: &str, from: &str, to: &str) -> String {
-    assert!(text.contains(from), "the example no longer contains {from:?}");
+    assert!(
+        text.contains(from),
+        "the example no longer contains {from:?}"
+    );
     text.replace(from, to)
 }
 
@@ -86,14 +97,14 @@ import troops
 os.makedirs("/var/lib/e2e", exist_ok=True)
 seen = {
     "commit": troops.commit,
-    "hostname": troops.hostname,
+    "hostname": troops.hostname(),
     "roles": sorted(troops.roles),
     "python": "%d.%d" % sys.version_info[:2],
 }
 with open("/var/lib/e2e/deployed.json.tmp", "w") as f:
     json.dump(seen, f)
 os.replace("/var/lib/e2e/deployed.json.tmp", "/var/lib/e2e/deployed.json")
-print("e2e: deployed", troops.commit, "on", troops.hostname)
+print("e2e: deployed", troops.commit, "on", troops.hostname())
 "#;
 
 fn deployed(node: &Node) -> Option<serde_json::Value> {
@@ -109,29 +120,45 @@ fn wait_deployed(node: &Node, commit: &str) -> serde_json::Value {
     )
 }
 
-/// The run record of the deploy of `commit`: it must say it succeeded.
+/// The run record of the deploy of `commit`: it must say it succeeded. deploy.py leaves its
+/// file before the agent finishes the record, so wait for the record a little.
 fn record_of(node: &Node, commit: &str) -> serde_json::Value {
     let runs = node.path("/var/lib/troops/runs");
-    let record = fs::read_dir(&runs)
-        .unwrap_or_else(|e| panic!("{}: {e}", runs.display()))
-        .flatten()
-        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-        .filter_map(|e| serde_json::from_slice::<serde_json::Value>(&fs::read(e.path()).ok()?).ok())
-        .filter(|r| r["commit"] == commit)
-        .find(|r| r["result"] == "success");
-    record.unwrap_or_else(|| {
-        panic!(
-            "{} has no successful run record for {commit}:\n{}",
-            node.name,
-            node.ok("ls -l /var/lib/troops/runs; cat /var/lib/troops/runs/*.json")
-        )
-    })
+    let find = || {
+        fs::read_dir(&runs)
+            .ok()?
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .filter_map(|e| {
+                serde_json::from_slice::<serde_json::Value>(&fs::read(e.path()).ok()?).ok()
+            })
+            .filter(|r| r["commit"] == commit)
+            .find(|r| r["result"] == "success")
+    };
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(r) = find() {
+            return r;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            panic!(
+                "{} has no successful run record for {commit}:\n{}",
+                node.name,
+                node.ok("ls -l /var/lib/troops/runs; cat /var/lib/troops/runs/*.json")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }
 
 /// The node's key, authorised for the git account on the server.
 fn authorise(lab: &Lab, node: &Node) {
     let key = node.ok("troops key");
-    assert!(key.starts_with("ssh-rsa "), "troops key on {}: {key}", node.name);
+    assert!(
+        key.starts_with("ssh-rsa "),
+        "troops key on {}: {key}",
+        node.name
+    );
     lab.node("gitsrv")
         .ok_with_input("cat >> /home/git/.ssh/authorized_keys", &key);
 }
@@ -172,7 +199,9 @@ fn nodes_boot_install_the_package_and_deploy_themselves() {
     });
     let gitsrv_ip = lab.node("gitsrv").ip.clone();
     work.push(&lab, &format!("git@{gitsrv_ip}:deploy"));
-    let host_key = lab.node("gitsrv").ok("cat /etc/ssh/ssh_host_ed25519_key.pub");
+    let host_key = lab
+        .node("gitsrv")
+        .ok("cat /etc/ssh/ssh_host_ed25519_key.pub");
     let host_key: Vec<&str> = host_key.split_whitespace().take(2).collect();
     let known_host = format!("gitsrv {}", host_key.join(" "));
 
@@ -219,11 +248,22 @@ fn nodes_boot_install_the_package_and_deploy_themselves() {
             "{name}: troops-init.service did not take cloud-init's user data:\n{init}\n{}",
             node.journal("cloud-final.service")
         );
-        assert!(node.path("/var/lib/troops/.init-done").exists(), "{name}: no init marker");
-        assert!(node.ok("id -nG ops").split_whitespace().any(|g| g == "troops"), "{name}: ops is no admin");
+        assert!(
+            node.path("/var/lib/troops/.init-done").exists(),
+            "{name}: no init marker"
+        );
+        assert!(
+            node.ok("id -nG ops")
+                .split_whitespace()
+                .any(|g| g == "troops"),
+            "{name}: ops is no admin"
+        );
         let timer = node.ok("systemctl is-enabled troops-pull.timer; systemctl is-active troops-pull.timer; systemctl cat troops-pull.timer");
         assert!(timer.starts_with("enabled\nactive\n"), "{name}: {timer}");
-        assert!(timer.contains("OnUnitActiveSec=10s"), "{name}: the interval did not reach the timer:\n{timer}");
+        assert!(
+            timer.contains("OnUnitActiveSec=10s"),
+            "{name}: the interval did not reach the timer:\n{timer}"
+        );
     }
 
     // 4. dpkg with preseeded debconf answers.
@@ -244,31 +284,60 @@ fn nodes_boot_install_the_package_and_deploy_themselves() {
     let preseed = lab.node("preseed");
     preseed.ok_with_input("debconf-set-selections", &answers);
     let installed = preseed.ok("DEBIAN_FRONTEND=noninteractive dpkg -i /var/tmp/troops.deb 2>&1");
-    assert!(installed.contains("troops: seed from"), "the postinst did not init from the answers:\n{installed}");
+    assert!(
+        installed.contains("troops: seed from"),
+        "the postinst did not init from the answers:\n{installed}"
+    );
     let settings = fs::read_to_string(preseed.path("/etc/troops/troops.toml")).unwrap();
-    assert!(settings.contains("\"db\""), "roles from debconf did not land: {settings}");
+    assert!(
+        settings.contains("\"db\""),
+        "roles from debconf did not land: {settings}"
+    );
 
     // 5. User data from a fake IMDSv2 at EC2's address, inside the node's own namespace,
     // named by the imds setting (the JSON example).
-    let imds_user_data = must_replace(&personalise(&example("user-data.json")), "\"roles\": [\"web\"]", "\"roles\": [\"web\", \"imds\"]");
+    let imds_user_data = must_replace(
+        &personalise(&example("user-data.json")),
+        "\"roles\": [\"web\"]",
+        "\"roles\": [\"web\", \"imds\"]",
+    );
     lab.boot(NodeSpec {
         name: "imds",
         image: &bookworm,
         nocloud: None,
         imds: Some(imds_user_data.into_bytes()),
         deb: Some(&deb),
-        prepare: "mkdir -p /etc/troops; printf 'imds = \"http://169.254.169.254\"\\ninterval = 10\\n' > /etc/troops/troops.toml",
+        // On EC2 cloud-init would make the user from this same user data; here cloud-init
+        // has no EC2 datasource, so the image has it already.
+        prepare: "useradd -m ops; mkdir -p /etc/troops
+                  printf 'imds = \"http://169.254.169.254\"\\ninterval = 10\\n' > /etc/troops/troops.toml",
     });
     let imds = lab.node("imds");
     imds.ok("DEBIAN_FRONTEND=noninteractive dpkg -i /var/tmp/troops.deb");
-    let init = wait_for(Duration::from_secs(120), "troops-init.service on imds", || {
-        let j = imds.journal("troops-init.service");
-        j.contains("troops: seed from").then_some(j)
-    });
-    assert!(init.contains("troops: seed from EC2 user data (http://169.254.169.254)"), "{init}");
+    let plan = imds.sh("troops init --dry-run 2>&1");
+    let plan = String::from_utf8_lossy(&plan.stdout);
+    assert!(plan.contains("EC2 user data"), "{plan}");
+    let init = wait_for(
+        Duration::from_secs(120),
+        "troops-init.service on imds",
+        || {
+            let j = imds.journal("troops-init.service");
+            j.contains("troops: seed from").then_some(j)
+        },
+    );
+    assert!(
+        init.contains("troops: seed from EC2 user data (http://169.254.169.254)"),
+        "{init}"
+    );
     let asked = imds.imds.as_ref().unwrap().log();
-    assert!(asked.iter().any(|r| r == "PUT /latest/api/token"), "{asked:?}");
-    assert!(asked.iter().any(|r| r == "GET /latest/user-data"), "{asked:?}");
+    assert!(
+        asked.iter().any(|r| r == "PUT /latest/api/token"),
+        "{asked:?}"
+    );
+    assert!(
+        asked.iter().any(|r| r == "GET /latest/user-data"),
+        "{asked:?}"
+    );
 
     // Until the git server knows a node's key its pulls fail; once it does, the timer
     // deploys with no one touching the node.
@@ -315,12 +384,18 @@ fn nodes_boot_install_the_package_and_deploy_themselves() {
     // 3. The admin the seed named pushes to the node over ssh and sees the deploy.
     let c3 = work.commit("third");
     let cloud = lab.node("cloud");
-    let said = work.push(&lab, &format!("ops@{}:/var/lib/troops/repo/main.git", cloud.ip));
+    let said = work.push(
+        &lab,
+        &format!("ops@{}:/var/lib/troops/repo/main.git", cloud.ip),
+    );
     assert!(
         said.contains(&format!("remote: e2e: deployed {c3} on cloud")),
         "the pusher did not see the deploy:\n{said}"
     );
     wait_deployed(cloud, &c3);
     let record = record_of(cloud, &c3);
-    assert!(record["trigger"].as_str().unwrap().contains("ops"), "{record}");
+    assert!(
+        record["trigger"].as_str().unwrap().contains("ops"),
+        "{record}"
+    );
 }
