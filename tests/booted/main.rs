@@ -122,7 +122,7 @@ fn wait_deployed(node: &Node, commit: &str) -> serde_json::Value {
 
 /// The run record of the deploy of `commit`: it must say it succeeded. deploy.py leaves its
 /// file before the agent finishes the record, so wait for the record a little.
-fn record_of(node: &Node, commit: &str) -> serde_json::Value {
+fn record_of(node: &Node, commit: &str, trigger: &str) -> serde_json::Value {
     let runs = node.path("/var/lib/troops/runs");
     let find = || {
         fs::read_dir(&runs)
@@ -133,6 +133,7 @@ fn record_of(node: &Node, commit: &str) -> serde_json::Value {
                 serde_json::from_slice::<serde_json::Value>(&fs::read(e.path()).ok()?).ok()
             })
             .filter(|r| r["commit"] == commit)
+            .filter(|r| r["trigger"].as_str().is_some_and(|t| t.contains(trigger)))
             .find(|r| r["result"] == "success")
     };
     let start = std::time::Instant::now();
@@ -142,7 +143,7 @@ fn record_of(node: &Node, commit: &str) -> serde_json::Value {
         }
         if start.elapsed() > Duration::from_secs(60) {
             panic!(
-                "{} has no successful run record for {commit}:\n{}",
+                "{} has no successful run record for {commit} by {trigger:?}:\n{}",
                 node.name,
                 node.ok("ls -l /var/lib/troops/runs; cat /var/lib/troops/runs/*.json")
             );
@@ -349,7 +350,7 @@ fn nodes_boot_install_the_package_and_deploy_themselves() {
         let node = lab.node(name);
         let seen = wait_deployed(node, &c1);
         assert_eq!(seen["hostname"], name);
-        let record = record_of(node, &c1);
+        let record = record_of(node, &c1, "");
         let journal = node.journal("troops-init.service -u troops-pull.service");
         assert!(
             journal.contains(&format!("e2e: deployed {c1} on {name}")),
@@ -372,7 +373,7 @@ fn nodes_boot_install_the_package_and_deploy_themselves() {
     for name in nodes {
         let node = lab.node(name);
         wait_deployed(node, &c2);
-        let record = record_of(node, &c2);
+        let record = record_of(node, &c2, "");
         assert_eq!(record["previous"], c1.as_str(), "{name}");
         let pulls = node.journal("troops-pull.service");
         assert!(
@@ -393,9 +394,29 @@ fn nodes_boot_install_the_package_and_deploy_themselves() {
         "the pusher did not see the deploy:\n{said}"
     );
     wait_deployed(cloud, &c3);
-    let record = record_of(cloud, &c3);
+    record_of(cloud, &c3, "push by ops");
+
+    // Purge takes what the package made in /etc and its units, and keeps the node's key
+    // and repository.
+    let preseed = lab.node("preseed");
+    preseed.ok("DEBIAN_FRONTEND=noninteractive dpkg --purge troops");
+    for gone in [
+        "/etc/troops",
+        "/etc/systemd/system/troops-pull.timer.d",
+        "/lib/systemd/system/troops-pull.timer",
+        "/etc/systemd/system/timers.target.wants/troops-pull.timer",
+        "/usr/bin/troops",
+    ] {
+        assert!(!preseed.path(gone).exists(), "purge left {gone}");
+    }
+    let gitconfig = fs::read_to_string(preseed.path("/etc/gitconfig")).unwrap_or_default();
     assert!(
-        record["trigger"].as_str().unwrap().contains("ops"),
-        "{record}"
+        !gitconfig.contains("/var/lib/troops"),
+        "purge left {gitconfig}"
     );
+    assert!(
+        preseed.path("/var/lib/troops/ssh/id_rsa").exists(),
+        "purge took the node's key"
+    );
+    assert!(preseed.path("/var/lib/troops/repo/main.git/HEAD").exists());
 }
