@@ -62,6 +62,25 @@ pub struct LineCommit {
     pub message: String,
 }
 
+/// One file of a tree, as a checkout writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeFile {
+    /// Relative, `/`-separated.
+    pub path: String,
+    pub kind: FileKind,
+    /// The blob's id, hex.
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    Regular,
+    Executable,
+    Symlink,
+    /// A submodule: never updated in place.
+    Other,
+}
+
 #[derive(Debug, Error)]
 pub enum RepoError {
     #[error("{path}: failed to {what}: {message}")]
@@ -570,6 +589,47 @@ impl Repo {
             .object()
             .map_err(self.err(format!("read {path} in {commit}")))?;
         Ok(Some(object.data.clone()))
+    }
+
+    /// Every file of `commit`'s tree, sorted by path as git sorts them.
+    pub fn files(&self, commit: CommitId) -> Result<Vec<TreeFile>, RepoError> {
+        let tree = self.tree_of(commit)?.id;
+        let index = self
+            .repo
+            .index_from_tree(&tree)
+            .map_err(self.err(format!("list the files of {commit}")))?;
+        Ok(index
+            .entries()
+            .iter()
+            .map(|e| TreeFile {
+                path: e.path(&index).to_string(),
+                kind: match e.mode {
+                    gix::index::entry::Mode::FILE => FileKind::Regular,
+                    gix::index::entry::Mode::FILE_EXECUTABLE => FileKind::Executable,
+                    gix::index::entry::Mode::SYMLINK => FileKind::Symlink,
+                    _ => FileKind::Other,
+                },
+                id: e.id.to_string(),
+            })
+            .collect())
+    }
+
+    /// The id git gives a blob holding `data` (hex), to compare a file with a tree's.
+    pub fn blob_id(&self, data: &[u8]) -> String {
+        gix::objs::compute_hash(self.repo.object_hash(), gix::objs::Kind::Blob, data)
+            .map(|id| id.to_string())
+            .unwrap_or_default()
+    }
+
+    /// The contents of the blob `id` (hex), as `files` names it.
+    pub fn blob(&self, id: &str) -> Result<Vec<u8>, RepoError> {
+        let oid = gix::ObjectId::from_hex(id.as_bytes())
+            .map_err(self.err(format!("parse object id {id}")))?;
+        let object = self
+            .repo
+            .find_object(oid)
+            .map_err(self.err(format!("read blob {id}")))?;
+        Ok(object.detach().data)
     }
 
     /// Write `commit`'s tree into `dest`, which must not exist yet. The caller builds into a

@@ -116,8 +116,110 @@ fn the_checkout_is_fresh_for_every_commit() {
     let work: Vec<String> = std::fs::read_dir(t.node.path("var/lib/troops/work"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != ".manifest.json")
         .collect();
     assert_eq!(work, vec![three], "only the current checkout is kept");
+}
+
+/// deploy.py that prints every path under its checkout with its kind, mode and contents:
+/// what a checkout holds, to compare an updated one with a fresh one.
+const LIST_TREE: &str = r#"import os, stat
+def walk(top):
+    for root, dirs, files in os.walk(top):
+        for name in sorted(dirs + files):
+            p = os.path.join(root, name)
+            rel = os.path.relpath(p, top)
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                yield "%s link %s" % (rel, os.readlink(p))
+            elif stat.S_ISDIR(st.st_mode):
+                yield "%s dir" % rel
+            else:
+                yield "%s file %o %s" % (rel, st.st_mode & 0o111, open(p).read().strip())
+for line in sorted(set(walk("."))):
+    print("tree:", line)
+"#;
+
+fn tree_lines(out: &str) -> Vec<&str> {
+    out.lines().filter(|l| l.starts_with("tree:")).collect()
+}
+
+#[test]
+fn the_last_checkout_is_updated_in_place_only_when_untouched() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = one_remote(&[]);
+    let exec = |rel: &str, on: bool| {
+        let p = t.up.dir.join(rel);
+        let mode = if on { 0o755 } else { 0o644 };
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    t.up.write("deploy.py", LIST_TREE);
+    t.up.write("a.txt", "a1")
+        .write("sub/b.txt", "b1")
+        .write("run.sh", "r1");
+    t.up.write("x", "a file that becomes a directory");
+    exec("run.sh", true);
+    std::os::unix::fs::symlink("a.txt", t.up.dir.join("link")).unwrap();
+    t.ship("one");
+    let first = t.node.troops(&["pull"]).ok();
+    assert!(!first.stdout.contains("in place"), "{}", first.stdout);
+
+    // Every kind of change at once.
+    t.up.write("a.txt", "a2").write("new/c.txt", "c1");
+    t.up.remove("sub/b.txt").remove("x");
+    t.up.write("x/y.txt", "now a directory");
+    exec("run.sh", false);
+    std::fs::remove_file(t.up.dir.join("link")).unwrap();
+    std::os::unix::fs::symlink("new/c.txt", t.up.dir.join("link")).unwrap();
+    let two = t.ship("two");
+    let updated = t.node.troops(&["pull"]).ok();
+    assert!(
+        updated
+            .stdout
+            .contains("updated the last checkout in place"),
+        "{}",
+        updated.stdout
+    );
+    // The same tree as a fresh checkout of the same commit gives.
+    let fresh = t.world.path("fresh");
+    git(
+        &t.world.path(""),
+        &[
+            "clone",
+            "-q",
+            t.remote.to_str().unwrap(),
+            fresh.to_str().unwrap(),
+        ],
+    );
+    std::fs::remove_dir_all(fresh.join(".git")).unwrap();
+    let listed = std::process::Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(LIST_TREE)
+        .current_dir(&fresh)
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert_eq!(tree_lines(&updated.stdout), tree_lines(&listed));
+    assert!(!listed.contains("tree: sub") && listed.contains("tree: x/y.txt file"));
+    assert_eq!(t.node.deployed().as_deref(), Some(two.as_str()));
+
+    // A deploy that changes its checkout: the next one must not build on it.
+    t.up.write(
+        "deploy.py",
+        &format!("{LIST_TREE}\nopen('a.txt', 'w').write('zz')\nopen('stray', 'w').write('s')\n"),
+    );
+    t.ship("scribbles");
+    t.node.troops(&["pull"]).ok();
+    t.up.write("deploy.py", LIST_TREE);
+    t.ship("four");
+    let after = t.node.troops(&["pull"]).ok();
+    assert!(!after.stdout.contains("in place"), "{}", after.stdout);
+    assert!(
+        after.stdout.contains("tree: a.txt file 0 a2"),
+        "{}",
+        after.stdout
+    );
+    assert!(!after.stdout.contains("stray"), "{}", after.stdout);
 }
 
 #[test]

@@ -7,8 +7,9 @@ pub mod python;
 pub mod record;
 pub mod runner;
 pub mod venv;
+mod worktree;
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
@@ -61,42 +62,6 @@ impl RunLog<'_> {
         tracing::error!(target: "troops::output", commit = %self.commit, run_id = self.run_id, "{line}");
         self.out.line(line);
     }
-}
-
-/// Build `commit`'s tree into `work/<commit>` from scratch. Older checkouts are moved aside
-/// at once and deleted by the returned thread while the deploy runs: on a large tree the
-/// deletion costs as much as the checkout.
-fn materialise(
-    repo: &Repo,
-    commit: CommitId,
-    work: &Path,
-) -> Result<(PathBuf, std::thread::JoinHandle<()>), String> {
-    fsutil::create_dirs(work, 0o755).map_err(|e| format!("{}: {e}", work.display()))?;
-    // Leftovers of a run that died mid-checkout, and checkouts of older commits.
-    let mut doomed = Vec::new();
-    for entry in fs::read_dir(work).into_iter().flatten().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with(".trash-") {
-            doomed.push(entry.path());
-            continue;
-        }
-        let aside = work.join(format!(".trash-{name}-{}", std::process::id()));
-        match fs::rename(entry.path(), &aside) {
-            Ok(()) => doomed.push(aside),
-            Err(_) => doomed.push(entry.path()),
-        }
-    }
-    let cleaner = std::thread::spawn(move || {
-        for d in doomed {
-            let _ = fs::remove_dir_all(&d).or_else(|_| fs::remove_file(&d));
-        }
-    });
-    let tmp = work.join(format!(".tmp-{commit}"));
-    let dest = work.join(commit.to_string());
-    repo.checkout(commit, &tmp).map_err(|e| e.to_string())?;
-    fs::rename(&tmp, &dest).map_err(|e| format!("{}: {e}", dest.display()))?;
-    fsutil::sync_dir(work).map_err(|e| format!("{}: {e}", work.display()))?;
-    Ok((dest, cleaner))
 }
 
 /// The ids of repo-local paths requirements.txt names, from the commit's tree.
@@ -227,7 +192,12 @@ fn run_steps(
             "commit {short} has no deploy.py at the top of its tree"
         ));
     }
-    let (checkout, cleaner) = materialise(repo, commit, &node.layout.work())?;
+    let (checkout, made, cleaner) = worktree::materialise(repo, commit, &node.layout.work())?;
+    if let worktree::Made::Updated(n) = made {
+        log.line(&format!(
+            "updated the last checkout in place ({n} files changed)"
+        ));
+    }
     let result = deploy_checkout(node, repo, commit, previous, &checkout, record, log);
     let _ = cleaner.join();
     result
