@@ -203,23 +203,36 @@ fn the_last_checkout_is_updated_in_place_only_when_untouched() {
     assert!(!listed.contains("tree: sub") && listed.contains("tree: x/y.txt file"));
     assert_eq!(t.node.deployed().as_deref(), Some(two.as_str()));
 
-    // A deploy that changes its checkout: the next one must not build on it.
+    // A deploy that changes its checkout (a tracked file rewritten to the same size at
+    // once, so only its ctime tells; an untracked file and directory; a tracked file
+    // replaced by a symlink): the next checkout holds none of it.
     t.up.write(
         "deploy.py",
-        &format!("{LIST_TREE}\nopen('a.txt', 'w').write('zz')\nopen('stray', 'w').write('s')\n"),
+        &format!(
+            "{LIST_TREE}\nimport os\nopen('a.txt', 'w').write('zz')\nopen('stray', 'w').write('s')\n\
+             os.makedirs('junk/deeper')\nos.remove('new/c.txt')\nos.symlink('/etc/hostname', 'new/c.txt')\n"
+        ),
     );
     t.ship("scribbles");
     t.node.troops(&["pull"]).ok();
     t.up.write("deploy.py", LIST_TREE);
     t.ship("four");
     let after = t.node.troops(&["pull"]).ok();
-    assert!(!after.stdout.contains("in place"), "{}", after.stdout);
     assert!(
-        after.stdout.contains("tree: a.txt file 0 a2"),
+        after.stdout.contains("2 left by the last run removed"),
         "{}",
         after.stdout
     );
+    for line in ["tree: a.txt file 0 a2", "tree: new/c.txt file 0 c1"] {
+        assert!(after.stdout.contains(line), "{line}: {}", after.stdout);
+    }
     assert!(!after.stdout.contains("stray"), "{}", after.stdout);
+    assert!(!after.stdout.contains("junk"), "{}", after.stdout);
+    // Nothing was written through the symlink.
+    assert_ne!(
+        std::fs::read_to_string("/etc/hostname").unwrap().trim(),
+        "c1"
+    );
 }
 
 #[test]

@@ -193,10 +193,12 @@ fn run_steps(
         ));
     }
     let (checkout, made, cleaner) = worktree::materialise(repo, commit, &node.layout.work())?;
-    if let worktree::Made::Updated(n) = made {
-        log.line(&format!(
-            "updated the last checkout in place ({n} files changed)"
-        ));
+    if let worktree::Made::Updated { changed, removed } = made {
+        let mut line = format!("updated the last checkout in place ({changed} files changed");
+        if removed > 0 {
+            line.push_str(&format!(", {removed} left by the last run removed"));
+        }
+        log.line(&(line + ")"));
     }
     let result = deploy_checkout(node, repo, commit, previous, &checkout, record, log);
     let _ = cleaner.join();

@@ -2,11 +2,11 @@
 //!
 //! A fresh checkout of a large tree costs more than the rest of a deploy, so the last
 //! checkout is kept with a manifest of what was written into it: each file's blob id and
-//! the stat data it had right after. When the next deploy finds that checkout exactly as
-//! written (no file added, removed, or touched, which changes its ctime), only the files
-//! that differ between the two commits are rewritten and the directory is renamed; in any
-//! other case the tree is checked out afresh. A run that dies mid-update leaves files that
-//! no longer match the manifest, so the next run starts fresh.
+//! the stat data it had right after. The next deploy brings that checkout to the new commit
+//! the way `git reset --hard` and `git clean -fdx` would: whatever the last run added is
+//! removed, whatever it touched (its ctime moved) is written again, and of the rest only
+//! the files that differ between the two commits are rewritten. Without a manifest (a run
+//! that died mid-update leaves none) the tree is checked out afresh.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -48,8 +48,12 @@ struct Manifest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Made {
     Fresh,
-    /// Updated in place from the previous checkout: this many files written or removed.
-    Updated(usize),
+    /// Updated in place from the previous checkout: files written or removed, and what
+    /// the last run had added to it (removed).
+    Updated {
+        changed: usize,
+        removed: usize,
+    },
 }
 
 /// Make `work/<commit>`. Checkouts other than the one reused are moved aside at once and
@@ -68,10 +72,11 @@ pub fn materialise(
     let _ = fs::remove_file(&manifest_path);
     let reusable = previous.and_then(|(m, taken_ns)| {
         let dir = work.join(&m.commit);
-        (is_pristine(&dir, &m, taken_ns, repo)).then_some((dir, m))
+        let left = reconcile(&dir, &m, taken_ns, repo).ok()?;
+        Some((dir, m, left))
     });
 
-    let keep = reusable.as_ref().map(|(dir, _)| dir.clone());
+    let keep = reusable.as_ref().map(|(dir, _, _)| dir.clone());
     let mut doomed = Vec::new();
     for entry in fs::read_dir(work).into_iter().flatten().flatten() {
         let path = entry.path();
@@ -97,16 +102,20 @@ pub fn materialise(
 
     let files = repo.files(commit).map_err(|e| e.to_string())?;
     let (made, written) = match reusable {
-        Some((dir, old)) if files.iter().all(|f| f.kind != FileKind::Other) => {
-            let changed = update_in_place(repo, &dir, &old, &files)
+        Some((dir, old, left)) if files.iter().all(|f| f.kind != FileKind::Other) => {
+            let changed = update_in_place(repo, &dir, &old, &files, &left.stale)
                 .map_err(|e| format!("{}: failed to update in place: {e}", dir.display()))?;
             if dir != dest {
                 fs::rename(&dir, &dest).map_err(|e| format!("{}: {e}", dest.display()))?;
             }
-            (Made::Updated(changed.len()), Some((old, changed)))
+            let made = Made::Updated {
+                changed: changed.len(),
+                removed: left.removed,
+            };
+            (made, Some((old, changed)))
         }
         other => {
-            if let Some((dir, _)) = other {
+            if let Some((dir, _, _)) = other {
                 let _ = fs::remove_dir_all(dir);
             }
             let tmp = work.join(format!(".tmp-{commit}"));
@@ -169,87 +178,84 @@ fn entry_for(root: &Path, f: &TreeFile) -> io::Result<Entry> {
     })
 }
 
-/// Whether `dir` holds exactly what the manifest says was written, and nothing else.
-fn is_pristine(dir: &Path, manifest: &Manifest, taken_ns: i64, repo: &Repo) -> bool {
+/// What the last run left in `dir` beside the manifest's files.
+struct Leftovers {
+    /// Tracked files that are gone or were touched: to be written again.
+    stale: BTreeSet<String>,
+    /// Files and directories the tree does not have, now removed.
+    removed: usize,
+}
+
+/// Remove from `dir` what the manifest does not list and find the listed files that are
+/// no longer as written. An error means the checkout cannot be trusted.
+fn reconcile(dir: &Path, manifest: &Manifest, taken_ns: i64, repo: &Repo) -> io::Result<Leftovers> {
     let expected: BTreeMap<&str, &Entry> = manifest
         .entries
         .iter()
         .map(|e| (e.path.as_str(), e))
         .collect();
-    let mut seen = 0usize;
-    let mut stack = vec![(dir.to_path_buf(), String::new())];
-    while let Some((path, rel)) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&path) else {
-            return false;
-        };
-        for entry in entries {
-            let Ok(entry) = entry else { return false };
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else {
-                return false;
-            };
-            let rel = if rel.is_empty() {
-                name.to_owned()
-            } else {
-                format!("{rel}/{name}")
-            };
-            let Ok(meta) = entry.metadata() else {
-                return false;
-            };
-            if meta.is_dir() {
-                stack.push((entry.path(), rel));
-                continue;
-            }
-            let Some(e) = expected.get(rel.as_str()) else {
-                return false;
-            };
-            let ctime_ns = meta.ctime() * 1_000_000_000 + meta.ctime_nsec();
-            if meta.ino() != e.ino
-                || meta.size() != e.size
-                || ctime_ns != e.ctime_ns
-                || meta.file_type().is_symlink() != e.symlink
-            {
-                return false;
-            }
-            if e.ctime_ns + RACY_NS >= taken_ns && !same_content(&entry.path(), e, repo) {
-                return false;
-            }
-            seen += 1;
-        }
-    }
-    seen == expected.len() && empty_dirs_absent(dir, &expected)
-}
-
-/// A directory the tree does not have (an empty one left by deploy.py) makes it stale too.
-fn empty_dirs_absent(dir: &Path, expected: &BTreeMap<&str, &Entry>) -> bool {
-    let mut wanted: BTreeSet<String> = BTreeSet::new();
+    let mut dirs: BTreeSet<&str> = BTreeSet::new();
     for path in expected.keys() {
         let mut p = *path;
         while let Some((parent, _)) = p.rsplit_once('/') {
-            if !wanted.insert(parent.to_owned()) {
+            if !dirs.insert(parent) {
                 break;
             }
             p = parent;
         }
     }
+    let mut out = Leftovers {
+        stale: BTreeSet::new(),
+        removed: 0,
+    };
+    let mut intact: BTreeSet<&str> = BTreeSet::new();
     let mut stack = vec![(dir.to_path_buf(), String::new())];
     while let Some((path, rel)) = stack.pop() {
-        for entry in fs::read_dir(&path).into_iter().flatten().flatten() {
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                let rel = if rel.is_empty() {
-                    name
+        for entry in fs::read_dir(&path)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let rel = if rel.is_empty() {
+                name.into_owned()
+            } else {
+                format!("{rel}/{name}")
+            };
+            // Never follows a symlink: a link the last run left is removed, not entered.
+            let meta = entry.metadata()?;
+            if meta.is_dir() {
+                if dirs.contains(rel.as_str()) {
+                    stack.push((entry.path(), rel));
                 } else {
-                    format!("{rel}/{name}")
-                };
-                if !wanted.contains(&rel) {
-                    return false;
+                    fs::remove_dir_all(entry.path())?;
+                    out.removed += 1;
                 }
-                stack.push((entry.path(), rel));
+                continue;
+            }
+            let Some((key, e)) = expected.get_key_value(rel.as_str()) else {
+                fs::remove_file(entry.path())?;
+                out.removed += 1;
+                continue;
+            };
+            let ctime_ns = meta.ctime() * 1_000_000_000 + meta.ctime_nsec();
+            let as_written = meta.ino() == e.ino
+                && meta.size() == e.size
+                && ctime_ns == e.ctime_ns
+                && meta.file_type().is_symlink() == e.symlink
+                && (e.ctime_ns + RACY_NS < taken_ns || same_content(&entry.path(), e, repo));
+            if as_written {
+                intact.insert(key);
+            } else {
+                fs::remove_file(entry.path())?;
+                out.stale.insert(rel);
             }
         }
     }
-    true
+    for path in expected.keys() {
+        if !intact.contains(path) {
+            out.stale.insert((*path).to_owned());
+        }
+    }
+    Ok(out)
 }
 
 fn same_content(path: &Path, e: &Entry, repo: &Repo) -> bool {
@@ -273,6 +279,7 @@ fn update_in_place(
     dir: &Path,
     old: &Manifest,
     files: &[TreeFile],
+    stale: &BTreeSet<String>,
 ) -> io::Result<BTreeSet<String>> {
     let new: BTreeMap<&str, &TreeFile> = files.iter().map(|f| (f.path.as_str(), f)).collect();
     let same = |e: &Entry, f: &TreeFile| {
@@ -285,7 +292,10 @@ fn update_in_place(
     for e in &old.entries {
         if new.get(e.path.as_str()).is_none_or(|f| !same(e, f)) {
             let path = dir.join(&e.path);
-            fs::remove_file(&path)?;
+            match fs::remove_file(&path) {
+                Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
+                _ => {}
+            }
             touched.insert(e.path.clone());
             let mut parent = path.parent();
             while let Some(p) = parent.filter(|p| *p != dir) {
@@ -298,12 +308,17 @@ fn update_in_place(
     }
     let old: BTreeMap<&str, &Entry> = old.entries.iter().map(|e| (e.path.as_str(), e)).collect();
     for f in files {
-        if old.get(f.path.as_str()).is_some_and(|e| same(e, f)) {
+        if old.get(f.path.as_str()).is_some_and(|e| same(e, f)) && !stale.contains(&f.path) {
             continue;
         }
         let path = dir.join(&f.path);
         if let Some(parent) = path.parent() {
             fs::create_dir_all(parent)?;
+        }
+        // Never write through whatever is there (a symlink the last run made, say).
+        match fs::remove_file(&path) {
+            Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
+            _ => {}
         }
         let data = repo
             .blob(&f.id)

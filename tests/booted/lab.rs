@@ -110,8 +110,77 @@ pub struct NodeSpec<'a> {
     pub prepare: &'a str,
 }
 
+/// What a killed test run left behind (no Drop runs on SIGKILL): its nodes' processes,
+/// mounts, namespaces, links and cgroups, found by the pid in their names.
+fn sweep_dead_labs() {
+    let Ok(entries) = fs::read_dir(cache_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("run-")
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        eprintln!("booted: cleaning up after a dead run (pid {pid})");
+        for h in cgroup_roots() {
+            let top = h.join(format!("troops-e2e-{pid}"));
+            let procs = Command::new("find")
+                .arg(&top)
+                .args(["-name", "cgroup.procs", "-exec", "cat", "{}", "+"])
+                .output();
+            for p in procs.iter().flat_map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .into_owned()
+                    .split_whitespace()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            }) {
+                if let Ok(p) = p.parse::<i32>() {
+                    unsafe { libc::kill(p, libc::SIGKILL) };
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        for node in fs::read_dir(entry.path()).into_iter().flatten().flatten() {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(node.path().join("root"))
+                .output();
+        }
+        let netns = Command::new("ip").args(["netns", "list"]).output();
+        for line in netns.iter().flat_map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        }) {
+            let ns = line.split_whitespace().next().unwrap_or("");
+            if ns.starts_with(&format!("troops-e2e-{pid}-")) {
+                let _ = Command::new("ip").args(["netns", "del", ns]).output();
+            }
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &format!("trb{}", pid % 1_000_000)])
+            .output();
+        for h in cgroup_roots() {
+            let _ = Command::new("find")
+                .arg(h.join(format!("troops-e2e-{pid}")))
+                .args(["-depth", "-type", "d", "-exec", "rmdir", "{}", ";"])
+                .output();
+        }
+        let _ = fs::remove_dir_all(entry.path());
+    }
+}
+
 impl Lab {
     pub fn new() -> Lab {
+        sweep_dead_labs();
         let pid = std::process::id();
         let dir = cache_dir().join(format!("run-{pid}"));
         let _ = fs::remove_dir_all(&dir);
