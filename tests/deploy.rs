@@ -95,7 +95,7 @@ fn venvs_are_reused_rebuilt_and_never_stale() {
 }
 
 #[test]
-fn the_checkout_is_fresh_for_every_commit() {
+fn no_file_of_an_old_checkout_survives() {
     let t = one_remote(&[]);
     t.up.write("deploy.py", "import os\nprint(sorted(os.listdir('.')))\nassert not os.path.exists('old.txt')\nopen('scribble', 'w').write('x')\n");
     t.up.write("new.txt", "n");
