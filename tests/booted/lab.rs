@@ -437,7 +437,10 @@ impl Node {
 
     /// Like `sh`, but it must succeed; its stdout.
     pub fn ok(&self, script: &str) -> String {
-        let out = self.sh(script);
+        self.succeeded(script, self.sh(script))
+    }
+
+    fn succeeded(&self, script: &str, out: Output) -> String {
         assert!(
             out.status.success(),
             "on {}: {script:?} failed ({}):\n{}{}",
@@ -464,15 +467,7 @@ impl Node {
             .unwrap()
             .write_all(input.as_bytes())
             .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "on {}: {script:?} failed:\n{}{}",
-            self.name,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.succeeded(script, child.wait_with_output().unwrap())
     }
 
     /// The node's journal for this boot, for one unit or (empty) all of it.
