@@ -180,6 +180,15 @@ fn no_seed_anywhere_lists_the_places_looked() {
         assert!(err.contains(place), "{place} missing from: {err}");
     }
     assert!(!node.root.join("etc").exists());
+    // First boot on a machine nobody seeded (troops-init.service) is no failure, and still
+    // writes nothing.
+    let out = init(&node, &["--if-seeded"]).ok();
+    assert!(
+        out.stdout.contains("no seed found, nothing to do"),
+        "{}",
+        out.stdout
+    );
+    assert!(!node.root.join("etc").exists() && !node.root.join("var").exists());
     // User data that is there but has no troops section says so.
     let copy = node.path("var/lib/cloud/instance/user-data.txt");
     std::fs::create_dir_all(copy.parent().unwrap()).unwrap();

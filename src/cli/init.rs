@@ -45,6 +45,10 @@ pub struct Args {
     /// Do not pull and deploy after init.
     #[arg(long)]
     no_pull: bool,
+    /// Where no seed is found on a node not set up yet, say so and succeed: first boot
+    /// (troops-init.service) on a machine nobody seeded is not a failure.
+    #[arg(long)]
+    if_seeded: bool,
 }
 
 fn hostname() -> String {
@@ -54,13 +58,14 @@ fn hostname() -> String {
 }
 
 /// The seed: given files, else flags alone if they name remotes, else the first source
-/// that has one; flags override what it says.
+/// that has one; flags override what it says. `None`: no seed, and `--if-seeded` says that
+/// is fine.
 fn find_seed(
     layout: &Layout,
     args: &Args,
     old: Option<&Settings>,
     flags: Seed,
-) -> Result<(Seed, String)> {
+) -> Result<Option<(Seed, String)>> {
     let initialised = layout.repo().join("HEAD").exists();
     let imds = args
         .imds
@@ -74,7 +79,7 @@ fn find_seed(
         });
     let explicit = args.seed.is_some() || args.preseed.is_some();
     if !explicit && !flags.remotes.is_empty() {
-        return Ok((flags, "the command line".into()));
+        return Ok(Some((flags, "the command line".into())));
     }
     let sources = if explicit {
         let mut s = Vec::new();
@@ -85,10 +90,17 @@ fn find_seed(
         seed::sources(layout.root(), None, None, imds)
     };
     match seed::discover(layout.root(), &sources) {
-        Ok((found, origin)) => Ok((found.merged(flags), origin)),
+        Ok((found, origin)) => Ok(Some((found.merged(flags), origin))),
         // An initialised node re-run without a seed keeps what it has.
         Err(SeedError::NotFound(_)) if initialised && !explicit => {
-            Ok((flags, "the command line".into()))
+            Ok(Some((flags, "the command line".into())))
+        }
+        Err(SeedError::NotFound(places)) if args.if_seeded && !explicit => {
+            println!(
+                "troops: no seed found, nothing to do (looked at: {}); run `troops init` with one to set this node up",
+                places.join("; ")
+            );
+            Ok(None)
         }
         Err(e) => Err(e.into()),
     }
@@ -112,7 +124,9 @@ pub fn run(root: &Path, args: &Args, stdout_is_journal: bool) -> Result<u8> {
         Err(SettingsError::NotInitialised(_)) => None,
         Err(e) => return Err(e.into()),
     };
-    let (seed, origin) = find_seed(&layout, args, old.as_ref(), flags)?;
+    let Some((seed, origin)) = find_seed(&layout, args, old.as_ref(), flags)? else {
+        return Ok(0);
+    };
     seed.validate(&origin)?;
     let request = Request {
         seed,
