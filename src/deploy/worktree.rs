@@ -101,8 +101,10 @@ pub fn materialise(
     });
 
     let files = repo.files(commit).map_err(|e| e.to_string())?;
+    // Trees with submodules are always checked out fresh, and get no manifest.
+    let plain = files.iter().all(|f| f.kind != FileKind::Other);
     let (made, written) = match reusable {
-        Some((dir, old, left)) if files.iter().all(|f| f.kind != FileKind::Other) => {
+        Some((dir, old, left)) if plain => {
             let changed = update_in_place(repo, &dir, &old, &files, &left.stale)
                 .map_err(|e| format!("{}: failed to update in place: {e}", dir.display()))?;
             if dir != dest {
@@ -127,8 +129,7 @@ pub fn materialise(
     };
     fsutil::sync_dir(work).map_err(|e| format!("{}: {e}", work.display()))?;
 
-    // Trees with submodules are always checked out fresh: no manifest.
-    if files.iter().all(|f| f.kind != FileKind::Other) {
+    if plain {
         let entries = match written {
             // Only what was rewritten needs a new stat; the rest is as it was.
             Some((old, changed)) => {

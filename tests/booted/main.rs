@@ -380,6 +380,16 @@ fn nodes_boot_install_the_package_and_deploy_themselves() {
             pulls.contains(&format!("e2e: deployed {c2} on {name}")),
             "{name}: the deploy of {c2} was not the timer's:\n{pulls}"
         );
+        // deploy.py's lines carry the commit and run id as journal fields, so that
+        // `journalctl COMMIT=…` finds a deploy's output.
+        let by_field = node.ok(&format!(
+            "journalctl -u troops-pull.service -o cat --no-pager COMMIT={c2} RUN_ID={}",
+            record["id"]
+        ));
+        assert!(
+            by_field.contains(&format!("e2e: deployed {c2} on {name}")),
+            "{name}: no journal entry with COMMIT={c2}:\n{by_field}"
+        );
     }
 
     // 3. The admin the seed named pushes to the node over ssh and sees the deploy.
