@@ -293,10 +293,7 @@ fn update_in_place(
     for e in &old.entries {
         if new.get(e.path.as_str()).is_none_or(|f| !same(e, f)) {
             let path = dir.join(&e.path);
-            match fs::remove_file(&path) {
-                Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
-                _ => {}
-            }
+            remove_if_there(&path)?;
             touched.insert(e.path.clone());
             let mut parent = path.parent();
             while let Some(p) = parent.filter(|p| *p != dir) {
@@ -317,10 +314,7 @@ fn update_in_place(
             fs::create_dir_all(parent)?;
         }
         // Never write through whatever is there (a symlink the last run made, say).
-        match fs::remove_file(&path) {
-            Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
-            _ => {}
-        }
+        remove_if_there(&path)?;
         let data = repo
             .blob(&f.id)
             .map_err(|e| io::Error::other(e.to_string()))?;
@@ -339,4 +333,12 @@ fn update_in_place(
         touched.insert(f.path.clone());
     }
     Ok(touched)
+}
+
+/// Remove a file (or symlink) that may already be gone.
+fn remove_if_there(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => Err(err),
+        _ => Ok(()),
+    }
 }

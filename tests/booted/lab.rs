@@ -168,12 +168,7 @@ fn sweep_dead_labs() {
         let _ = Command::new("ip")
             .args(["link", "del", &format!("trb{}", pid % 1_000_000)])
             .output();
-        for h in cgroup_roots() {
-            let _ = Command::new("find")
-                .arg(h.join(format!("troops-e2e-{pid}")))
-                .args(["-depth", "-type", "d", "-exec", "rmdir", "{}", ";"])
-                .output();
-        }
+        remove_cgroups(pid);
         let _ = fs::remove_dir_all(entry.path());
     }
 }
@@ -394,6 +389,20 @@ fn cgroup_roots() -> Vec<PathBuf> {
         .collect()
 }
 
+/// The cgroups of the lab run `pid` made, deepest first: a cgroup goes only once its
+/// children have.
+fn remove_cgroups(pid: u32) {
+    for h in cgroup_roots() {
+        let top = h.join(format!("troops-e2e-{pid}"));
+        if top.exists() {
+            let _ = Command::new("find")
+                .arg(&top)
+                .args(["-depth", "-type", "d", "-exec", "rmdir", "{}", ";"])
+                .output();
+        }
+    }
+}
+
 /// A socket bound inside another network namespace: a thread enters it, binds, and ends;
 /// the socket stays where it was made.
 fn listen_in(netns: &str, addr: &str) -> TcpListener {
@@ -550,7 +559,7 @@ impl Drop for Lab {
                     for l in tail.iter().rev() {
                         eprintln!("{l}");
                     }
-                    let units = n.sh("systemctl list-timers --all --no-pager; systemctl status --no-pager -n 20 troops-init.service troops-pull.timer troops-pull.service troops.socket");
+                    let units = n.sh("systemctl list-timers --all --no-pager; systemctl status --no-pager -n 20 troops-init.service troops-pull.timer troops-pull.service troops.socket; troops log");
                     eprintln!(
                         "---- units of {}\n{}",
                         n.name,
@@ -562,17 +571,7 @@ impl Drop for Lab {
         for n in &mut self.nodes {
             n.teardown();
         }
-        let pid = std::process::id();
-        for h in cgroup_roots() {
-            let top = h.join(format!("troops-e2e-{pid}"));
-            if top.exists() {
-                // Deepest first: a cgroup goes only once its children have.
-                let _ = Command::new("find")
-                    .arg(&top)
-                    .args(["-depth", "-type", "d", "-exec", "rmdir", "{}", ";"])
-                    .output();
-            }
-        }
+        remove_cgroups(std::process::id());
         let _ = Command::new("ip")
             .args(["link", "del", &self.bridge])
             .output();

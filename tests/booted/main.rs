@@ -121,7 +121,8 @@ fn wait_deployed(node: &Node, commit: &str) -> serde_json::Value {
 }
 
 /// The run record of the deploy of `commit`: it must say it succeeded. deploy.py leaves its
-/// file before the agent finishes the record, so wait for the record a little.
+/// file before the agent finishes the record, so wait for the record a little. (On failure
+/// the lab prints each node's `troops log`.)
 fn record_of(node: &Node, commit: &str, trigger: &str) -> serde_json::Value {
     let runs = node.path("/var/lib/troops/runs");
     let find = || {
@@ -136,20 +137,14 @@ fn record_of(node: &Node, commit: &str, trigger: &str) -> serde_json::Value {
             .filter(|r| r["trigger"].as_str().is_some_and(|t| t.contains(trigger)))
             .find(|r| r["result"] == "success")
     };
-    let start = std::time::Instant::now();
-    loop {
-        if let Some(r) = find() {
-            return r;
-        }
-        if start.elapsed() > Duration::from_secs(60) {
-            panic!(
-                "{} has no successful run record for {commit} by {trigger:?}:\n{}",
-                node.name,
-                node.ok("ls -l /var/lib/troops/runs; cat /var/lib/troops/runs/*.json")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    wait_for(
+        Duration::from_secs(60),
+        &format!(
+            "a successful run record on {} for {commit} by {trigger:?}",
+            node.name
+        ),
+        find,
+    )
 }
 
 /// The node's key, authorised for the git account on the server.
