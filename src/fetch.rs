@@ -14,7 +14,58 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::paths::Layout;
 use crate::repo::CommitId;
+
+/// The name the shared repo's branch is fetched under: what members pushed. A `:` cannot
+/// be part of a remote's name, so it never clashes with one.
+pub const PUSHED: &str = ":pushed";
+
+/// Where a fetch of `branch` from `remote` lands in root's repository.
+pub fn tracking_ref(remote: &str, branch: &str) -> String {
+    match remote {
+        PUSHED => "refs/troops/pushed".into(),
+        _ => format!("refs/remotes/{remote}/{branch}"),
+    }
+}
+
+/// The URL to fetch `remote` from: the shared repo itself for `PUSHED`, else its
+/// `remote.<name>.url`. The shared repo may borrow objects from root's repository and
+/// from nowhere else: an alternates file a member pointed elsewhere would have root copy
+/// objects from any repository on the machine into one members can read.
+pub fn remote_url(layout: &Layout, remote: &str) -> Result<String, String> {
+    let shared = layout.repo();
+    if remote == PUSHED {
+        let alternates = shared.join("objects/info/alternates");
+        let ours = layout.node_repo().join("objects");
+        match std::fs::symlink_metadata(&alternates) {
+            Err(_) => {}
+            Ok(m) if m.is_file() => {
+                let text = std::fs::read_to_string(&alternates).unwrap_or_default();
+                if text.lines().any(|l| Path::new(l.trim()) != ours) {
+                    return Err(format!(
+                        "{} names another object store; refused (only {} may be named)",
+                        alternates.display(),
+                        ours.display()
+                    ));
+                }
+            }
+            Ok(_) => {
+                return Err(format!(
+                    "{} is not a regular file; refused",
+                    alternates.display()
+                ));
+            }
+        }
+        return Ok(shared.display().to_string());
+    }
+    crate::repo::remote_urls(&shared.join("config"))
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .find(|(n, _)| n == remote)
+        .map(|(_, url)| url)
+        .ok_or_else(|| format!("no remote named {remote:?} in {}", shared.display()))
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "outcome", rename_all = "kebab-case")]
@@ -77,6 +128,8 @@ pub mod wire {
 }
 
 /// Fetch `branch` from each of `remotes` in parallel with `exe --root ROOT __fetch NAME BRANCH`.
+/// The worker looks the URL up itself (nothing secret on a command line); `url` is only
+/// for reports, and is kept redacted.
 pub fn fetch_all(
     exe: &Path,
     root: &Path,
@@ -177,7 +230,7 @@ pub fn fetch_all(
         .zip(results)
         .map(|((name, url), f)| FetchResult {
             remote: name.clone(),
-            url: url.clone(),
+            url: crate::repo::redact_url(url),
             fetched: f.unwrap_or(Fetched::Failed {
                 error: "fetch worker vanished".into(),
             }),

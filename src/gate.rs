@@ -51,11 +51,31 @@ pub fn bucket(node: &Node) -> u8 {
 }
 
 pub fn verifier(node: &Node, git_dir: Option<&std::path::Path>) -> Result<Verifier, VerifyError> {
+    // Fail closed: `verify` on and no key to verify with is a broken node, not "refuse
+    // everything quietly" and never "accept everything".
+    let has_keys = |p: &std::path::Path| {
+        std::fs::read(p).is_ok_and(|b| b.iter().any(|c| !c.is_ascii_whitespace()))
+    };
+    let (signers, keyring) = (node.layout.allowed_signers(), node.layout.trusted_keys());
+    if !has_keys(&signers) && !has_keys(&keyring) {
+        return Err(VerifyError::NoKeys {
+            verify: format!("{:?}", node.settings.verify).to_lowercase(),
+            signers,
+            keyring,
+        });
+    }
     Verifier::new(
         &node.layout.allowed_signers(),
         &node.layout.trusted_keys(),
         git_dir,
     )
+}
+
+/// Whether staged rollout applies: to what remotes offer, not to what is pushed to the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rollout {
+    Applies,
+    Off,
 }
 
 /// The newest commit between `local` (exclusive) and `target` that the node may take at
@@ -66,6 +86,7 @@ pub fn narrow(
     local: Option<CommitId>,
     target: CommitId,
     now: i64,
+    rollout: Rollout,
 ) -> Result<(Option<CommitId>, Option<Held>), GateError> {
     let line = repo.first_parent_line(target, local)?;
     let steps: Vec<Step<CommitId>> = line
@@ -76,7 +97,10 @@ pub fn narrow(
             trailer: rollout::trailer(&c.message),
         })
         .collect();
-    let (take, hold) = rollout::admit(&steps, bucket(node), now);
+    let (take, hold) = match rollout {
+        Rollout::Applies => rollout::admit(&steps, bucket(node), now),
+        Rollout::Off => (line.last().map(|c| c.id), None),
+    };
     let rollout_hold = hold.map(|h| Held {
         kind: HoldKind::Rollout,
         commit: h.commit,
@@ -131,4 +155,33 @@ pub fn narrow(
         }
     }
     Ok((take, signature_hold.or(rollout_hold)))
+}
+
+/// Why `head` may not be deployed now, if it may not: what `verify` requires of it and of
+/// every commit since `deployed`, checked against the keys root trusts today (they may have
+/// changed since the branch moved).
+pub fn refusal(
+    node: &Node,
+    repo: &Repo,
+    deployed: Option<CommitId>,
+    head: CommitId,
+) -> Result<Option<String>, GateError> {
+    let verify = node.settings.verify;
+    if verify == Verify::None {
+        return Ok(None);
+    }
+    let verifier = verifier(node, Some(repo.path()))?;
+    let since = deployed.filter(|d| *d != head && repo.is_ancestor(*d, head).unwrap_or(false));
+    let commits = match verify {
+        Verify::All if since.is_some() || deployed.is_none() => {
+            repo.commits_between(head, since)?
+        }
+        _ => vec![head],
+    };
+    for c in commits {
+        if let Err(why) = verifier.check(c)? {
+            return Ok(Some(why));
+        }
+    }
+    Ok(None)
 }

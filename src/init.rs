@@ -58,8 +58,14 @@ pub struct Plan {
     settings: Settings,
     write_settings: bool,
     new_repo: bool,
+    /// Root's own repository is missing (a new node, or one from before it existed).
+    new_node_repo: bool,
     remotes: Vec<(String, String)>,
+    /// Settings of the shared repo, and of root's own.
     config: Vec<(&'static str, String)>,
+    node_config: Vec<(&'static str, String)>,
+    /// The shared repo's objects/info/alternates, to write.
+    alternates: Option<String>,
     make_key: bool,
     files: Vec<(PathBuf, String, u32)>,
     create_group: bool,
@@ -84,6 +90,13 @@ pub fn timer_dropin(interval: u64) -> String {
     // again, or the timer never fires. Found by the booted test.
     format!(
         "# Written by `troops init` from `interval` in /etc/troops/troops.toml.\n[Timer]\nOnUnitActiveSec=\nOnActiveSec=1min\nOnUnitActiveSec={interval}s\nRandomizedDelaySec={interval}s\n"
+    )
+}
+
+/// troops.socket's group from the settings: members of the admin group reach the daemon.
+pub fn socket_dropin(group: &str) -> String {
+    format!(
+        "# Written by `troops init` from `admin_group` in /etc/troops/troops.toml.\n[Socket]\nSocketGroup={group}\n"
     )
 }
 
@@ -129,7 +142,12 @@ pub fn plan(layout: &Layout, req: &Request) -> Result<Plan, InitError> {
     let settings_path = layout.settings_file();
     let old = match Settings::load(&settings_path) {
         Ok(s) => Some(s),
-        Err(SettingsError::NotInitialised(_)) => None,
+        // Re-init is how an operator repairs a settings file that was lost or cut short.
+        Err(
+            SettingsError::NotInitialised(_)
+            | SettingsError::Empty(_)
+            | SettingsError::Truncated(_),
+        ) => None,
         Err(e) => return Err(e.into()),
     };
     let mut settings = old.clone().unwrap_or_default();
@@ -175,18 +193,49 @@ pub fn plan(layout: &Layout, req: &Request) -> Result<Plan, InitError> {
     if new_repo {
         changes.push(format!("repository: create {}", repo_path.display()));
     }
-    let current: Vec<(String, String)> = existing.as_ref().map(|r| r.remotes()).unwrap_or_default();
+    let node_path = layout.node_repo();
+    let node_repo = match node_path.join("HEAD").exists() {
+        true => Some(Repo::open(&node_path)?),
+        false => None,
+    };
+    let new_node_repo = node_repo.is_none();
+    if new_node_repo {
+        changes.push(format!(
+            "repository: create {} (root's own)",
+            node_path.display()
+        ));
+    }
+    let current: Vec<(String, String)> = match &existing {
+        Some(_) => crate::repo::remote_urls(&repo_path.join("config"))?,
+        None => Vec::new(),
+    };
+    // Secrets never stay in a URL on disk: the shared repo's config is read by every member.
+    let mut store = fs::read_to_string(layout.credentials()).unwrap_or_default();
+    let old_store = store.clone();
     let mut remotes = Vec::new();
-    for (name, url) in &seed.remotes {
+    for (name, given) in &seed.remotes {
+        let url = match crate::credentials::Entry::from_url(given) {
+            Some((entry, bare)) => {
+                store = crate::credentials::with_entry(&store, &entry);
+                bare
+            }
+            None => given.clone(),
+        };
+        // The same parser the fetch uses: a URL that cannot be fetched stops init here.
+        crate::repo::check_url(name, &url)?;
+        let shown = crate::repo::redact_url(given);
         match current.iter().find(|(n, _)| n == name) {
-            Some((_, u)) if u == url => {}
+            Some((_, u)) if *u == url => {}
             Some((_, u)) => {
-                changes.push(format!("remote {name}: {u} -> {url}"));
-                remotes.push((name.clone(), url.clone()));
+                changes.push(format!(
+                    "remote {name}: {} -> {shown}",
+                    crate::repo::redact_url(u)
+                ));
+                remotes.push((name.clone(), url));
             }
             None => {
-                changes.push(format!("remote {name}: add {url}"));
-                remotes.push((name.clone(), url.clone()));
+                changes.push(format!("remote {name}: add {shown}"));
+                remotes.push((name.clone(), url));
             }
         }
     }
@@ -195,24 +244,32 @@ pub fn plan(layout: &Layout, req: &Request) -> Result<Plan, InitError> {
     }
 
     let ssh_dir = layout.ssh_dir();
-    let ssh_command = keys::ssh_command(&ssh_dir);
-    let mut config = Vec::new();
-    for (key, value) in [
-        ("core.sshCommand", ssh_command),
-        ("core.sharedRepository", "group".to_string()),
-    ] {
-        if existing
-            .as_ref()
-            .and_then(|r| r.config_value(key))
-            .as_deref()
-            != Some(value.as_str())
-        {
-            if !new_repo {
-                changes.push(format!("repository: set {key} = {value}"));
+    let wanted = |repo: Option<&Repo>, is_new: bool, pairs: Vec<(&'static str, String)>| {
+        let mut out = Vec::new();
+        let mut said = Vec::new();
+        for (key, value) in pairs {
+            if repo.and_then(|r| r.config_value(key)).as_deref() != Some(value.as_str()) {
+                if !is_new {
+                    said.push(format!("repository: set {key} = {value}"));
+                }
+                out.push((key, value));
             }
-            config.push((key, value));
         }
-    }
+        (out, said)
+    };
+    let (config, said) = wanted(
+        existing.as_ref(),
+        new_repo,
+        vec![("core.sharedRepository", "group".to_string())],
+    );
+    changes.extend(said);
+    // Only root's own repository names a program for root to run.
+    let (node_config, said) = wanted(
+        node_repo.as_ref(),
+        new_node_repo,
+        vec![("core.sshCommand", keys::ssh_command(&ssh_dir))],
+    );
+    changes.extend(said);
 
     let make_key = !keys::private_key(&ssh_dir).exists();
     if make_key {
@@ -258,6 +315,15 @@ pub fn plan(layout: &Layout, req: &Request) -> Result<Plan, InitError> {
         0o644,
         "pull timer",
     );
+    if store != old_store {
+        want_file(layout.credentials(), store, 0o600, "credentials");
+    }
+    want_file(
+        layout.socket_dropin(),
+        socket_dropin(&settings.admin_group),
+        0o644,
+        "socket group",
+    );
     if let Some(lines) = &seed.allowed_signers {
         want_file(
             layout.allowed_signers(),
@@ -267,6 +333,19 @@ pub fn plan(layout: &Layout, req: &Request) -> Result<Plan, InitError> {
         );
     }
 
+    // Pushers' receive-pack must see the commits root fetched.
+    let alternates = format!("{}\n", node_path.join("objects").display());
+    let alternates = (fs::read_to_string(repo_path.join("objects/info/alternates")).ok()
+        != Some(alternates.clone()))
+    .then(|| {
+        if !new_repo {
+            changes.push(format!(
+                "repository: borrow objects from {}",
+                node_path.display()
+            ));
+        }
+        alternates
+    });
     let mut hooks = Vec::new();
     for which in ["pre-receive", "post-receive"] {
         let script = hook_script(&req.exe, layout.root(), which);
@@ -309,8 +388,11 @@ pub fn plan(layout: &Layout, req: &Request) -> Result<Plan, InitError> {
         settings,
         write_settings,
         new_repo,
+        new_node_repo,
         remotes,
         config,
+        node_config,
+        alternates,
         make_key,
         files,
         create_group,
@@ -365,9 +447,18 @@ impl Drop for StagedFile {
     }
 }
 
-/// Make the repo writable by the admin group, as `git init --shared=group` would: group
-/// ownership, group-writable, setgid directories so new files keep the group.
-pub fn share_with_group(repo: &Path, gid: u32) -> Result<bool, InitError> {
+/// What the admin group may do in a repository.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum GroupAccess {
+    /// main.git: members push to it, as `git init --shared=group` would allow.
+    Write,
+    /// node.git: members read root's state (the pre-receive hook does); nobody else does.
+    Read,
+}
+
+/// Give the admin group `access` to the repo: group ownership, setgid directories so new
+/// files keep the group; with `Read`, no group write and nothing for others.
+pub fn share_with_group(repo: &Path, gid: u32, access: GroupAccess) -> Result<bool, InitError> {
     let mut changed = false;
     let mut stack = vec![repo.to_owned()];
     while let Some(p) = stack.pop() {
@@ -380,12 +471,12 @@ pub fn share_with_group(repo: &Path, gid: u32) -> Result<bool, InitError> {
             changed = true;
         }
         let mode = meta.permissions().mode() & 0o7777;
-        let want = if meta.is_dir() {
-            mode | 0o2070
-        } else if mode & 0o200 != 0 {
-            mode | 0o060
-        } else {
-            mode | 0o040
+        let want = match access {
+            GroupAccess::Write if meta.is_dir() => mode | 0o2070,
+            GroupAccess::Write if mode & 0o200 != 0 => mode | 0o060,
+            GroupAccess::Write => mode | 0o040,
+            GroupAccess::Read if meta.is_dir() => (mode & !0o027) | 0o2050,
+            GroupAccess::Read => (mode & !0o027) | 0o040,
         };
         if want != mode {
             fs::set_permissions(&p, fs::Permissions::from_mode(want)).map_err(io_err(&p))?;
@@ -414,6 +505,33 @@ pub fn apply(layout: &Layout, plan: Plan, key_comment: &str) -> Result<(), InitE
     result
 }
 
+/// A directory built aside and renamed into place; removed if it never gets there.
+struct StagedDir {
+    path: PathBuf,
+    done: bool,
+}
+
+impl Drop for StagedDir {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Owner root, the admin group, `mode`: what an existing node is brought to on every init.
+fn own(path: &Path, gid: u32, mode: u32) -> Result<(), InitError> {
+    fsutil::create_dirs(path, mode).map_err(io_err(path))?;
+    std::os::unix::fs::lchown(path, Some(0).filter(|_| is_root()), Some(gid))
+        .map_err(io_err(path))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err(path))
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
 fn stage_and_commit(
     layout: &Layout,
     plan: &Plan,
@@ -424,19 +542,7 @@ fn stage_and_commit(
         command: format!("getent group {group}"),
         message: "the group vanished".into(),
     })?;
-    for dir in [
-        layout.etc(),
-        layout.state_dir(),
-        layout.runs(),
-        layout.work(),
-        layout.venvs(),
-    ] {
-        fsutil::create_dirs(&dir, 0o755).map_err(io_err(&dir))?;
-    }
-    fsutil::create_dirs(&layout.ssh_dir(), 0o700).map_err(io_err(&layout.ssh_dir()))?;
-    fsutil::create_dirs(layout.repo().parent().unwrap(), 0o755).map_err(io_err(&layout.repo()))?;
-
-    // Stage.
+    // Stage: everything that can fail is done aside, before anything is replaced.
     let key = if plan.make_key {
         Some(keys::generate(&layout.ssh_dir(), key_comment)?)
     } else {
@@ -446,13 +552,19 @@ fn stage_and_commit(
     for (path, contents, mode) in &plan.files {
         staged.push(StagedFile::write(path, contents.as_bytes(), *mode)?);
     }
-    let mut hook_files = Vec::new();
     if !plan.new_repo {
         for (which, script) in &plan.hooks {
-            hook_files.push(StagedFile::write(
+            staged.push(StagedFile::write(
                 &layout.repo().join("hooks").join(which),
                 script.as_bytes(),
                 0o755,
+            )?);
+        }
+        if let Some(text) = &plan.alternates {
+            staged.push(StagedFile::write(
+                &layout.repo().join("objects/info/alternates"),
+                text.as_bytes(),
+                0o644,
             )?);
         }
     }
@@ -465,49 +577,94 @@ fn stage_and_commit(
     } else {
         None
     };
+    fsutil::create_dirs(layout.repo().parent().unwrap(), 0o755).map_err(io_err(&layout.repo()))?;
+    let aside = |path: PathBuf| StagedDir {
+        path: path.with_extension(format!("git.init-{}", std::process::id())),
+        done: false,
+    };
     let config: Vec<(&str, &str)> = plan.config.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let new_repo = if plan.new_repo {
-        let aside = layout
-            .repo()
-            .with_extension(format!("git.init-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&aside);
-        let mut repo = Repo::create(&aside)?;
+    let mut new_repo = None;
+    if plan.new_repo {
+        let dir = aside(layout.repo());
+        let _ = fs::remove_dir_all(&dir.path);
+        let mut repo = Repo::create(&dir.path)?;
         repo.configure(&plan.remotes, &config)?;
         for (which, script) in &plan.hooks {
-            let path = aside.join("hooks").join(which);
-            fsutil::create_dirs(&aside.join("hooks"), 0o755).map_err(io_err(&path))?;
+            let path = dir.path.join("hooks").join(which);
+            fsutil::create_dirs(&dir.path.join("hooks"), 0o755).map_err(io_err(&path))?;
             StagedFile::write(&path, script.as_bytes(), 0o755)?.commit()?;
         }
-        share_with_group(&aside, gid)?;
-        Some(aside)
-    } else {
-        None
-    };
-    for a in &plan.admins {
-        accounts::add_member(a, group)?;
+        if let Some(text) = &plan.alternates {
+            StagedFile::write(
+                &dir.path.join("objects/info/alternates"),
+                text.as_bytes(),
+                0o644,
+            )?
+            .commit()?;
+        }
+        share_with_group(&dir.path, gid, GroupAccess::Write)?;
+        // Members work in it; nobody else has any business there.
+        fs::set_permissions(&dir.path, fs::Permissions::from_mode(0o2770))
+            .map_err(io_err(&dir.path))?;
+        new_repo = Some(dir);
+    }
+    let node_config: Vec<(&str, &str)> = plan
+        .node_config
+        .iter()
+        .map(|(k, v)| (*k, v.as_str()))
+        .collect();
+    let mut new_node_repo = None;
+    if plan.new_node_repo {
+        let dir = aside(layout.node_repo());
+        let _ = fs::remove_dir_all(&dir.path);
+        let mut repo = Repo::create(&dir.path)?;
+        repo.configure(&[], &node_config)?;
+        // Root runs no hooks; an empty hooks directory says so to whoever looks.
+        let hooks = dir.path.join("hooks");
+        fs::remove_dir_all(&hooks).map_err(io_err(&hooks))?;
+        fsutil::create_dirs(&hooks, 0o755).map_err(io_err(&hooks))?;
+        new_node_repo = Some(dir);
     }
 
-    // Commit: renames, and one locked write of an existing repo's config.
+    // Commit: renames, then the one locked write of an existing repo's config.
     if let Some(k) = key {
         k.commit()?;
     }
-    for f in staged.iter().chain(&hook_files) {
+    for f in &staged {
         f.commit()?;
     }
+    if let Some(mut dir) = new_node_repo {
+        fs::rename(&dir.path, layout.node_repo()).map_err(io_err(&layout.node_repo()))?;
+        dir.done = true;
+    } else if !node_config.is_empty() {
+        Repo::open(&layout.node_repo())?.configure(&[], &node_config)?;
+    }
     match new_repo {
-        Some(aside) => {
-            fs::rename(&aside, layout.repo()).map_err(io_err(&layout.repo()))?;
+        Some(mut dir) => {
+            fs::rename(&dir.path, layout.repo()).map_err(io_err(&layout.repo()))?;
+            dir.done = true;
         }
         None => {
             let mut repo = Repo::open(&layout.repo())?;
             if !plan.remotes.is_empty() || !config.is_empty() {
                 repo.configure(&plan.remotes, &config)?;
             }
-            share_with_group(&layout.repo(), gid)?;
+            share_with_group(&layout.repo(), gid, GroupAccess::Write)?;
         }
     }
+    // Root's state: the admin group reads it (status, logs, pushes), nobody else does.
+    own(&layout.state_dir(), gid, 0o2750)?;
+    for dir in [layout.runs(), layout.work()] {
+        own(&dir, gid, 0o2750)?;
+    }
+    share_with_group(&layout.node_repo(), gid, GroupAccess::Read)?;
+    own(&layout.venvs(), 0, 0o700)?;
+    fsutil::create_dirs(&layout.ssh_dir(), 0o700).map_err(io_err(&layout.ssh_dir()))?;
     if plan.trust {
         crate::repo::trust_for_all(&layout.system_gitconfig(), &layout.repo())?;
+    }
+    for a in &plan.admins {
+        accounts::add_member(a, group)?;
     }
     // Settings last: a node with settings is a node that finished init.
     if let Some(f) = settings_file {

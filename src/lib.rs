@@ -3,6 +3,7 @@
 
 pub mod accounts;
 pub mod backoff;
+pub mod credentials;
 pub mod daemon;
 pub mod deploy;
 pub mod fetch;

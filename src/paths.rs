@@ -50,8 +50,22 @@ impl Layout {
     pub fn allowed_signers(&self) -> PathBuf {
         self.under("etc/troops/allowed_signers")
     }
+    /// The shared repository: pushers push here and `git remote add` here. Root reads it
+    /// only as input (see `node_repo`).
     pub fn repo(&self) -> PathBuf {
         self.under("var/lib/troops/repo/main.git")
+    }
+    /// Root's own repository: what root fetched, verified and deployed. Only root writes it.
+    pub fn node_repo(&self) -> PathBuf {
+        self.under("var/lib/troops/repo/node.git")
+    }
+    /// Passwords and tokens for HTTPS remotes, git-credential-store format, root only.
+    pub fn credentials(&self) -> PathBuf {
+        self.under("etc/troops/credentials")
+    }
+    /// The drop-in that gives troops.socket the admin group.
+    pub fn socket_dropin(&self) -> PathBuf {
+        self.under("etc/systemd/system/troops.socket.d/troops-group.conf")
     }
     pub fn venvs(&self) -> PathBuf {
         self.under("var/lib/troops/venvs")

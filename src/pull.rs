@@ -11,6 +11,7 @@ use crate::backoff::{self, RetryState};
 use crate::deploy::{self, DEPLOYED_REF, record::RunRecord};
 use crate::fetch::{self, Fetched};
 use crate::fsutil;
+use crate::gate::{Held, Rollout};
 use crate::node::Node;
 use crate::output::Output;
 use crate::paths::Layout;
@@ -139,9 +140,83 @@ fn seen_ref(remote: &str) -> String {
     format!("refs/troops/seen/{remote}")
 }
 
+/// Take what members pushed to the shared repo, if it is a fast-forward of the branch and
+/// signatures allow it: the new branch head, and why the push is held if it is.
+fn take_pushed(
+    node: &Node,
+    repo: &Repo,
+    local: Option<CommitId>,
+    pushed: Option<Fetched>,
+    now: i64,
+) -> Result<(Option<CommitId>, Option<Held>), PullError> {
+    let tip = match pushed {
+        Some(Fetched::Tip { tip }) => tip,
+        Some(Fetched::Failed { error }) => {
+            tracing::warn!("the shared repository's branch: {error}");
+            return Ok((local, None));
+        }
+        _ => return Ok((local, None)),
+    };
+    if Some(tip) == local {
+        return Ok((local, None));
+    }
+    if let Some(l) = local
+        && !repo.is_ancestor(l, tip).unwrap_or(false)
+    {
+        // Behind is normal (the remotes moved the branch since); anything else is ignored.
+        if !repo.is_ancestor(tip, l).unwrap_or(false) {
+            tracing::warn!(
+                "the shared repository's branch is at {}, which does not contain {}; ignored, the node never rewinds",
+                tip.short(),
+                l.short()
+            );
+        }
+        return Ok((local, None));
+    }
+    let (take, held) = crate::gate::narrow(node, repo, local, tip, now, Rollout::Off)?;
+    let branch_ref = format!("refs/heads/{}", node.settings.branch);
+    match take.filter(|t| Some(*t) != local) {
+        Some(t) => {
+            repo.update_ref(&branch_ref, t, local, "troops: pushed to the node")?;
+            Ok((Some(t), held))
+        }
+        None => Ok((local, held)),
+    }
+}
+
+/// Take what was just pushed, then deploy the branch head: the daemon's answer to a push.
+pub fn take_push_and_deploy(
+    node: &Node,
+    exe: &Path,
+    trigger: &str,
+    out: &mut dyn Output,
+) -> anyhow::Result<RunRecord> {
+    let layout = &node.layout;
+    let repo = Repo::open(&layout.node_repo())?;
+    let jobs = [(
+        fetch::PUSHED.to_owned(),
+        layout.repo().display().to_string(),
+    )];
+    let mut fetched = fetch::fetch_all(
+        exe,
+        layout.root(),
+        &jobs,
+        &node.settings.branch,
+        Duration::from_secs(node.settings.fetch_timeout),
+    );
+    let local = repo.ref_target(&format!("refs/heads/{}", node.settings.branch))?;
+    let pushed = fetched.pop().map(|f| f.fetched);
+    let now = backoff::unix_now() as i64;
+    let (_, held) = take_pushed(node, &repo, local, pushed, now)?;
+    if let Some(h) = held {
+        anyhow::bail!("{}", h.reason);
+    }
+    deploy_head(node, trigger, out)
+}
+
 fn save_json<T: Serialize>(path: &Path, value: &T) -> Result<(), PullError> {
     let bytes = serde_json::to_vec_pretty(value).expect("state serialises");
-    fsutil::write_atomic(path, &bytes, 0o644).map_err(|source| PullError::State {
+    fsutil::write_atomic(path, &bytes, 0o640).map_err(|source| PullError::State {
         path: path.display().to_string(),
         source,
     })
@@ -159,21 +234,30 @@ pub fn pull(
 ) -> Result<PullOutcome, PullError> {
     let layout = &node.layout;
     let settings = &node.settings;
-    let repo = Repo::open(&layout.repo())?;
-    let remotes = repo.remotes();
+    let repo = Repo::open(&layout.node_repo())?;
+    let remotes = crate::repo::remote_urls(&layout.repo().join("config"))?;
     if remotes.is_empty() {
         return Err(PullError::NoRemotes(layout.repo().display().to_string()));
     }
     let branch_ref = format!("refs/heads/{}", settings.branch);
-    let fetched = fetch::fetch_all(
+    // What members pushed to the shared repo is fetched like one more remote, beside them.
+    let mut jobs = remotes.clone();
+    jobs.push((
+        fetch::PUSHED.to_owned(),
+        layout.repo().display().to_string(),
+    ));
+    let mut fetched = fetch::fetch_all(
         exe,
         layout.root(),
-        &remotes,
+        &jobs,
         &settings.branch,
         Duration::from_secs(settings.fetch_timeout),
     );
+    let pushed = fetched.pop().map(|f| f.fetched);
 
-    let local = repo.ref_target(&branch_ref)?;
+    let start = repo.ref_target(&branch_ref)?;
+    // A push applies at once (no rollout), with the same fast-forward and signature rules.
+    let (local, push_held) = take_pushed(node, &repo, start, pushed, now)?;
     let mut offers = Vec::new();
     for f in &fetched {
         if let Fetched::Tip { tip } = f.fetched {
@@ -249,15 +333,19 @@ pub fn pull(
 
     // Staged rollout and signature checks may hold the node at an older commit on the way.
     let (target, held) = match decision.target {
-        Some(t) => crate::gate::narrow(node, &repo, local, t, now)?,
+        Some(t) => crate::gate::narrow(node, &repo, local, t, now, Rollout::Applies)?,
         None => (None, None),
     };
+    let held = held.or(push_held);
     let target = target.filter(|t| Some(*t) != local);
     if let Some(h) = &held {
         tracing::warn!(commit = %h.commit, "holding before {}: {}", h.commit.short(), h.reason);
     }
     if let Some(t) = target {
         repo.update_ref(&branch_ref, t, local, "troops: fast-forward from remotes")?;
+    }
+    let to = target.or(local).filter(|t| Some(*t) != start);
+    if let Some(t) = to {
         // Only when something arrived: a no-op poll stays a no-op.
         if let Err(e) = repo.maintain() {
             tracing::warn!("{e}");
@@ -266,7 +354,7 @@ pub fn pull(
             commit = %t,
             "{} moved {} -> {}",
             settings.branch,
-            local.map_or("nothing".into(), |l| l.short()),
+            start.map_or("nothing".into(), |l| l.short()),
             t.short()
         );
     }
@@ -274,8 +362,8 @@ pub fn pull(
         time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         branch: settings.branch.clone(),
         remotes: remotes_report,
-        from: local,
-        to: target,
+        from: start,
+        to,
         bucket: crate::gate::bucket(node),
         held,
         disagree: decision.disagree.clone(),
@@ -350,11 +438,16 @@ pub struct NothingToDeploy(pub String);
 /// an operator asked. The caller holds the node lock.
 pub fn deploy_head(node: &Node, trigger: &str, out: &mut dyn Output) -> anyhow::Result<RunRecord> {
     let layout = &node.layout;
-    let repo = Repo::open(&layout.repo())?;
+    let repo = Repo::open(&layout.node_repo())?;
     let branch = &node.settings.branch;
     let head = repo
         .ref_target(&format!("refs/heads/{branch}"))?
         .ok_or_else(|| NothingToDeploy(branch.clone()))?;
+    // The branch was verified when it moved; the keys may have changed since.
+    let deployed = repo.ref_target(DEPLOYED_REF)?;
+    if let Some(why) = crate::gate::refusal(node, &repo, deployed, head)? {
+        anyhow::bail!("not deploying {}: {why}", head.short());
+    }
     let retry = load_retry(layout);
     Ok(deploy_tracked(
         node,

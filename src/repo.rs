@@ -176,6 +176,117 @@ pub fn hook_is_ancestor(ancestor: CommitId, descendant: CommitId) -> Result<bool
     }
 }
 
+/// The remotes a member configured in the shared repo, as `(name, url)` in file order: only
+/// `remote.<name>.url` is read. The file is input written by the admin group, so it is
+/// opened without following a symlink, must be a regular file of sane size, and its
+/// includes are not followed; nothing else in it (sshCommand, uploadpack, credential
+/// helpers, proxies) ever reaches a git run by root.
+pub fn remote_urls(config: &Path) -> Result<Vec<(String, String)>, RepoError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let fail = |message: String| RepoError::Git {
+        path: config.to_owned(),
+        what: "read the remotes".into(),
+        message,
+    };
+    const MAX: u64 = 1 << 20;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(config);
+    let file = match file {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(fail(format!("{e} (a symlink is refused)"))),
+    };
+    let meta = file.metadata().map_err(|e| fail(e.to_string()))?;
+    if !meta.is_file() || meta.len() > MAX {
+        return Err(fail(format!(
+            "not a regular file of at most {MAX} bytes; refused"
+        )));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX)
+        .read_to_end(&mut bytes)
+        .map_err(|e| fail(e.to_string()))?;
+    let parsed = gix::config::File::from_bytes_no_includes(
+        &bytes,
+        gix::config::file::Metadata::from(gix::config::Source::Local),
+        Default::default(),
+    )
+    .map_err(|e| fail(format!("not a git config file: {}", chain(&e))))?;
+    let mut out: Vec<(String, String)> = Vec::new();
+    for section in parsed.sections_by_name("remote").into_iter().flatten() {
+        let Some(name) = section.header().subsection_name() else {
+            continue;
+        };
+        let name = name.to_string();
+        let Some(url) = section.value("url") else {
+            continue;
+        };
+        // A later section of the same name wins, as in git.
+        out.retain(|(n, _)| *n != name);
+        out.push((name, url.to_string()));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Whether the fetch could use `url` at all, by the parser it uses.
+pub fn check_url(remote: &str, url: &str) -> Result<(), RepoError> {
+    gix::url::parse(gix::bstr::BStr::new(url))
+        .map(|_| ())
+        .map_err(|e| RepoError::Fetch {
+            remote: remote.to_owned(),
+            url: redact_url(url),
+            message: redact_text(&chain(&e), &[url]),
+        })
+}
+
+/// `url` with any password in it replaced by `***`, for everything that is printed or kept
+/// where others read it; the user name stays, it tells which credential was used.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &authority[..at];
+    let user = match userinfo.split_once(':') {
+        Some((user, _)) => format!("{user}:***"),
+        None => return url.to_owned(),
+    };
+    format!("{scheme}://{user}{}", &rest[at..])
+}
+
+/// Every URL-with-password in `text` redacted: error messages from transports quote URLs.
+pub fn redact_text(text: &str, urls: &[&str]) -> String {
+    let mut out = text.to_owned();
+    for url in urls {
+        let safe = redact_url(url);
+        if safe != *url {
+            out = out.replace(url, &safe);
+        }
+    }
+    out
+}
+
+/// The user and password in `url`, if it carries both, and the URL without them.
+pub fn split_credentials(url: &str) -> Option<(String, String, String)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let at = rest[..authority_end].rfind('@')?;
+    let (user, password) = rest[..at].split_once(':')?;
+    Some((
+        user.to_owned(),
+        password.to_owned(),
+        format!("{scheme}://{}", &rest[at + 1..]),
+    ))
+}
+
 fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
@@ -210,7 +321,16 @@ impl Repo {
     }
 
     pub fn open(path: &Path) -> Result<Repo, RepoError> {
-        let repo = gix::open(path).map_err(|e| RepoError::Git {
+        // Only the repository's own config, none of the environment but HTTP's (proxies are
+        // root's to set): a git hook's GIT_OBJECT_DIRECTORY or a member's ~/.gitconfig must
+        // not decide what root (or the pre-receive hook) reads.
+        let mut permissions = gix::open::Permissions::isolated();
+        permissions.env.http_transport = gix::sec::Permission::Allow;
+        let repo = gix::open_opts(
+            path,
+            gix::open::Options::isolated().permissions(permissions),
+        )
+        .map_err(|e| RepoError::Git {
             path: path.to_owned(),
             what: "open the repository".into(),
             message: chain(&e),
@@ -307,37 +427,66 @@ impl Repo {
         Repo::open(path)
     }
 
-    /// Fetch `branch` from `remote` into `refs/remotes/<remote>/<branch>`. `Ok(None)` when the
-    /// remote has no such branch.
-    pub fn fetch_branch(&self, remote: &str, branch: &str) -> Result<Option<CommitId>, RepoError> {
-        let named = self
-            .repo
-            .find_remote(remote)
-            .map_err(|_| RepoError::NoSuchRemote(remote.to_owned()))?;
-        let url = named
-            .url(Direction::Fetch)
-            .map(|u| u.to_bstring().to_string())
-            .unwrap_or_default();
+    /// Fetch `branch` from `url` into `tracking`; `remote` names it in errors. `Ok(None)`
+    /// when the remote has no such branch. `account` answers an HTTP server that asks for
+    /// credentials; with none, the server's refusal is the error (never a prompt).
+    pub fn fetch_branch(
+        &self,
+        remote: &str,
+        url: &str,
+        branch: &str,
+        tracking: &str,
+        account: Option<(String, String)>,
+    ) -> Result<Option<CommitId>, RepoError> {
         let fail = |e: &(dyn std::error::Error + 'static)| RepoError::Fetch {
             remote: remote.to_owned(),
-            url: url.clone(),
-            message: chain(e),
+            url: redact_url(url),
+            message: redact_text(&chain(e), &[url]),
         };
-        let tracking = format!("refs/remotes/{remote}/{branch}");
         // Only the followed branch, whatever refspecs the remote is configured with.
         let spec = format!("+refs/heads/{branch}:{tracking}");
         let anonymous = self
             .repo
-            .remote_at(url.as_str())
+            .remote_at(url)
             .map_err(|e| fail(&e))?
             .with_refspecs([spec.as_str()], Direction::Fetch)
             .map_err(|e| fail(&e))?
             .with_fetch_tags(gix::remote::fetch::Tags::None);
-        let prepared = anonymous
-            .connect(Direction::Fetch)
-            .map_err(|e| fail(&e))?
+        let connection = anonymous.connect(Direction::Fetch).map_err(|e| fail(&e))?;
+        // ssh authenticates with the node's key through core.sshCommand; gix would otherwise
+        // ask this callback for a password and report "no credentials" instead of ssh's error.
+        let connection = if url.starts_with("http://") || url.starts_with("https://") {
+            connection.with_credentials(move |action| match action {
+                gix::credentials::helper::Action::Get(ctx) => {
+                    Ok(account.clone().map(|(username, password)| {
+                        gix::credentials::protocol::Outcome {
+                            identity: gix::sec::identity::Account {
+                                username,
+                                password,
+                                oauth_refresh_token: None,
+                            },
+                            next: ctx.into(),
+                        }
+                    }))
+                }
+                _ => Ok(None),
+            })
+        } else {
+            connection
+        };
+        let prepared = connection
             .prepare_fetch(gix::progress::Discard, Default::default())
             .map_err(|e| fail(&e))?;
+        // An empty repository (a fresh main.git nobody pushed to) or a remote without the
+        // branch: nothing to take, not a failure.
+        if !prepared
+            .ref_map()
+            .mappings
+            .iter()
+            .any(|m| m.local.as_ref().is_some_and(|l| l == tracking))
+        {
+            return Ok(None);
+        }
         // Remotes are fetched in parallel, and mirrors send byte-identical packs with identical
         // names, which collide in objects/pack. Talking to the remotes stays parallel; writing
         // what they send is one at a time, and a remote whose objects just arrived from
@@ -359,7 +508,7 @@ impl Repo {
             .ref_map
             .mappings
             .iter()
-            .filter(|m| m.local.as_ref().is_some_and(|l| l == tracking.as_str()))
+            .filter(|m| m.local.as_ref().is_some_and(|l| l == tracking))
             .find_map(|m| m.remote.as_id())
             .map(|id| CommitId(id.to_owned())))
     }
@@ -386,6 +535,8 @@ impl Repo {
             .arg("--git-dir")
             .arg(&self.path)
             // In the foreground: a detached gc would be killed with a oneshot unit's cgroup.
+            // Hooks off (pre-auto-gc), whatever any config says.
+            .args(["-c", "core.hooksPath=/dev/null"])
             .args(["-c", "gc.autoDetach=false", "gc", "--auto", "--quiet"])
             .output()
             .map_err(|e| RepoError::Git {

@@ -31,6 +31,14 @@ pub enum SettingsError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "{0}: the file is empty; refusing to run on defaults (restore it, or run `troops init` again)"
+    )]
+    Empty(PathBuf),
+    #[error(
+        "{0}: the file ends before `troops init`'s last line, so it was cut short; refusing to run on part of it (restore it, or run `troops init` again)"
+    )]
+    Truncated(PathBuf),
     #[error("this node is not initialised: {0} is missing (run `troops init`)")]
     NotInitialised(PathBuf),
 }
@@ -119,8 +127,20 @@ impl Default for Settings {
     }
 }
 
+const HEADER: &str = "# Written by `troops init`; see troops(1).";
+/// init's last line: a file that starts with init's first line and lacks this was cut short.
+const FOOTER: &str = "# End of troops.toml.";
+
 impl Settings {
+    /// Settings fail closed: no text, or text cut short, is never "all defaults".
     pub fn parse(text: &str, path: &Path) -> Result<Settings, SettingsError> {
+        let blank = |l: &str| l.trim().is_empty() || l.trim_start().starts_with('#');
+        if text.lines().all(blank) {
+            return Err(SettingsError::Empty(path.to_owned()));
+        }
+        if text.starts_with(HEADER) && !text.lines().any(|l| l.trim() == FOOTER) {
+            return Err(SettingsError::Truncated(path.to_owned()));
+        }
         let settings: Settings = toml::from_str(text).map_err(|e| {
             let at = e.span().map(|span| {
                 let before = &text[..span.start.min(text.len())];
@@ -203,7 +223,7 @@ impl Settings {
     pub fn to_toml(&self) -> String {
         // Serialising a struct of plain fields cannot fail.
         let body = toml::to_string(self).expect("settings serialise");
-        format!("# Written by `troops init`; see troops(1).\n{body}")
+        format!("{HEADER}\n{body}{FOOTER}\n")
     }
 
     pub fn save(&self, path: &Path) -> Result<(), SettingsError> {
@@ -229,6 +249,27 @@ mod tests {
         assert_eq!(s.branch, "master");
         assert_eq!(s.roles, vec!["web"]);
         assert_eq!(Settings::parse(&s.to_toml(), p).unwrap(), s);
+    }
+
+    #[test]
+    fn empty_or_cut_short_is_never_defaults() {
+        let p = Path::new("/x/troops.toml");
+        for text in ["", "\n  \n", "# only a comment\n"] {
+            let e = Settings::parse(text, p).unwrap_err().to_string();
+            assert!(e.starts_with("/x/troops.toml: the file is empty"), "{e}");
+        }
+        let full = Settings {
+            verify: Verify::All,
+            ..Settings::default()
+        }
+        .to_toml();
+        assert_eq!(Settings::parse(&full, p).unwrap().verify, Verify::All);
+        // Every cut of init's file that still parses is refused.
+        for cut in 1..full.len() - FOOTER.len() - 1 {
+            if let Ok(s) = Settings::parse(&full[..cut], p) {
+                panic!("cut at {cut} parsed as {s:?}");
+            }
+        }
     }
 
     #[test]

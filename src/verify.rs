@@ -16,6 +16,14 @@ pub enum VerifyError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "verify = {verify}, but neither {signers} nor {keyring} holds a key: nothing can be verified, so nothing is taken or deployed"
+    )]
+    NoKeys {
+        verify: String,
+        signers: PathBuf,
+        keyring: PathBuf,
+    },
     #[error("failed to run git: {0}")]
     Spawn(std::io::Error),
     #[error("failed to list commits {range}: {message}")]
@@ -68,6 +76,13 @@ impl Verifier {
         }
         // Command-line settings beat every config file; HOME and XDG point at the private
         // dir so no user's config or keys take part.
+        // No hook or fsmonitor of any repository runs for root.
+        cmd.args([
+            "-c",
+            "core.hooksPath=/dev/null",
+            "-c",
+            "core.fsmonitor=false",
+        ]);
         cmd.arg("-c")
             .arg(format!(
                 "gpg.ssh.allowedSignersFile={}",

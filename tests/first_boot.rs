@@ -319,7 +319,11 @@ fn the_key_is_made_once_with_the_right_modes_and_matches_its_public_half() {
         git(&node.repo(), &["config", "core.sharedRepository"]),
         "group"
     );
-    assert!(git(&node.repo(), &["config", "core.sshCommand"]).contains("ssh -F"));
+    // Root's ssh command lives in root's own repo; a member-writable config never names a
+    // program root runs.
+    assert!(git(&node.state_repo(), &["config", "core.sshCommand"]).contains("ssh -F"));
+    let member_config = std::fs::read_to_string(node.repo().join("config")).unwrap();
+    assert!(!member_config.contains("sshCommand"), "{member_config}");
 }
 
 #[test]

@@ -116,7 +116,7 @@ fn a_force_pushed_older_commit_is_ignored_and_reported() {
         "rewound",
         "{}\none={one} two={two}\n{}",
         f.node.status(),
-        git(&f.node.repo(), &["for-each-ref"])
+        git(&f.node.state_repo(), &["for-each-ref"])
     );
     assert!(a["problem"].as_str().unwrap().contains("backwards"), "{a}");
     let human = f.node.troops(&["status"]).ok().stdout;
@@ -214,7 +214,7 @@ fn a_missing_and_a_hanging_remote_do_not_stop_the_others() {
         ])
         .ok();
     git(
-        &f.node.repo(),
+        &f.node.state_repo(),
         &["config", "core.sshCommand", &fake_ssh.display().to_string()],
     );
     f.node.set("fetch_timeout", "5");
@@ -314,9 +314,9 @@ fn packs_do_not_pile_up() {
     // gix never repacks; after pulls that bring commits, git gc --auto does, at git's own
     // thresholds (made small here).
     let f = fleet();
-    git(&f.node.repo(), &["config", "gc.autoPackLimit", "4"]);
+    git(&f.node.state_repo(), &["config", "gc.autoPackLimit", "4"]);
     let packs = || {
-        std::fs::read_dir(f.node.repo().join("objects/pack"))
+        std::fs::read_dir(f.node.state_repo().join("objects/pack"))
             .unwrap()
             .filter(|e| {
                 e.as_ref()

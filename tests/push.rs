@@ -417,8 +417,20 @@ fn with_no_daemon_the_push_lands_and_says_the_next_pull_deploys() {
         "{}",
         out.stderr
     );
-    assert_eq!(s.node.head().as_deref(), Some(one.as_str()));
+    // It landed in the shared repo; root takes it (and checks it) at the next pull.
+    assert_eq!(s.node.pushed().as_deref(), Some(one.as_str()));
+    assert_eq!(s.node.head(), None);
     assert_eq!(s.node.deployed(), None);
+    // The remote has no branch yet, which the pull still reports; the push deploys anyway.
+    let pull = s.node.troops(&["pull"]).failed();
+    assert!(pull.stderr.contains("no remote offered"), "{}", pull.stderr);
+    assert!(
+        pull.stdout
+            .contains(&format!("troops: run 1: deployed {}", &one[..12])),
+        "{}",
+        pull.stdout
+    );
+    assert_eq!(s.node.deployed().as_deref(), Some(one.as_str()));
 }
 
 #[test]

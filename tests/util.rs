@@ -295,8 +295,14 @@ impl Node {
         std::fs::read_to_string(self.path(rel)).ok()
     }
 
+    /// The group-writable repo members push to: input, never root's state.
     pub fn repo(&self) -> PathBuf {
         self.path("var/lib/troops/repo/main.git")
+    }
+
+    /// Root's own repo: what it accepted, verified and deployed.
+    pub fn state_repo(&self) -> PathBuf {
+        self.path("var/lib/troops/repo/node.git")
     }
 
     /// Set `key = value` (a TOML value) in troops.toml.
@@ -318,15 +324,12 @@ impl Node {
     }
 
     fn rev(&self, name: &str) -> Option<String> {
-        let out = Command::new("git")
-            .arg("--git-dir")
-            .arg(self.repo())
-            .args(["rev-parse", "--verify", "-q", name])
-            .output()
-            .unwrap();
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        rev_in(&self.state_repo(), name)
+    }
+
+    /// The shared repo's branch: what members last pushed, whether or not root took it.
+    pub fn pushed(&self) -> Option<String> {
+        rev_in(&self.repo(), "refs/heads/master")
     }
 
     pub fn head(&self) -> Option<String> {
@@ -366,7 +369,7 @@ impl Node {
     pub fn fsck(&self) {
         let out = Command::new("git")
             .arg("--git-dir")
-            .arg(self.repo())
+            .arg(self.state_repo())
             .args(["fsck", "--strict"])
             .output()
             .unwrap();
@@ -376,6 +379,18 @@ impl Node {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+fn rev_in(repo: &Path, name: &str) -> Option<String> {
+    let out = Command::new("git")
+        .arg("--git-dir")
+        .arg(repo)
+        .args(["rev-parse", "--verify", "-q", name])
+        .output()
+        .unwrap();
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 /// A deploy.py that records what it deployed under the node's root.

@@ -1,10 +1,11 @@
-//! `troops __fetch REMOTE BRANCH`: one remote's fetch, run by `pull` in its own process
-//! group so that a hung transport can be killed with everything it started.
+//! `troops __fetch REMOTE BRANCH`: one remote's fetch into root's repository, run by `pull`
+//! in its own process group so that a hung transport can be killed with everything it
+//! started.
 
 use std::path::Path;
 
 use anyhow::Result;
-use troops::fetch::wire;
+use troops::fetch::{self, wire};
 use troops::paths::Layout;
 use troops::repo::{Repo, RepoError};
 
@@ -15,8 +16,22 @@ pub struct Args {
 }
 
 pub fn run(root: &Path, args: &Args) -> Result<u8> {
-    let repo = Repo::open(&Layout::new(root).repo())?;
-    match repo.fetch_branch(&args.remote, &args.branch) {
+    let layout = Layout::new(root);
+    let repo = Repo::open(&layout.node_repo())?;
+    let url = match fetch::remote_url(&layout, &args.remote) {
+        Ok(u) => u,
+        Err(why) => {
+            eprintln!("{why}");
+            return Ok(1);
+        }
+    };
+    // A URL that carries its own password uses it; otherwise the root-only store answers.
+    let account = match troops::repo::split_credentials(&url) {
+        Some(_) => None,
+        None => troops::credentials::lookup(&layout.credentials(), &url),
+    };
+    let tracking = fetch::tracking_ref(&args.remote, &args.branch);
+    match repo.fetch_branch(&args.remote, &url, &args.branch, &tracking, account) {
         Ok(tip) => {
             println!("{}", wire::tip(tip));
             Ok(0)

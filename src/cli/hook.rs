@@ -38,6 +38,10 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
 
 fn pre_receive(node: &Node, updates: &[hook::Update]) -> Result<u8> {
     let settings = &node.settings;
+    // What root last accepted, from root's own repository: the shared repo's branch is
+    // whatever a member last wrote there.
+    let accepted = troops::repo::Repo::open(&node.layout.node_repo())?
+        .ref_target(&format!("refs/heads/{}", settings.branch))?;
     for u in updates {
         // A failed ancestry check refuses the push with its own reason, not "not a
         // fast-forward".
@@ -58,9 +62,20 @@ fn pre_receive(node: &Node, updates: &[hook::Update]) -> Result<u8> {
         }
         // A push never lands what a pull would refuse to take: the same signature checks.
         let tracked = u.reference == format!("refs/heads/{}", settings.branch);
-        if let Some(new) = u.new.filter(|_| tracked)
-            && let Some(why) = unsigned(node, u.old, new)?
+        let Some(new) = u.new.filter(|_| tracked) else {
+            continue;
+        };
+        if let Some(a) = accepted
+            && !repo::hook_is_ancestor(a, new)?
         {
+            eprintln!(
+                "troops: refused: {} does not contain {}, which the node has taken; a node never moves backwards (fetch, rebase or merge, then push)",
+                new.short(),
+                a.short()
+            );
+            return Ok(1);
+        }
+        if let Some(why) = unsigned(node, accepted, new)? {
             eprintln!("troops: refused: {why}");
             return Ok(1);
         }

@@ -121,7 +121,11 @@ pub fn run(root: &Path, args: &Args, stdout_is_journal: bool) -> Result<u8> {
     flags.validate("the command line")?;
     let old = match Settings::load(&layout.settings_file()) {
         Ok(s) => Some(s),
-        Err(SettingsError::NotInitialised(_)) => None,
+        Err(
+            SettingsError::NotInitialised(_)
+            | SettingsError::Empty(_)
+            | SettingsError::Truncated(_),
+        ) => None,
         Err(e) => return Err(e.into()),
     };
     let Some((seed, origin)) = find_seed(&layout, args, old.as_ref(), flags)? else {

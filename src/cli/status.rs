@@ -18,13 +18,16 @@ pub struct Args {
 pub fn run(root: &Path, args: &Args) -> Result<u8> {
     let node = Node::open(root)?;
     let layout = &node.layout;
-    let repo = Repo::open(&layout.repo())?;
+    let repo = Repo::open(&layout.node_repo())?;
     let branch = &node.settings.branch;
     let head = repo.ref_target(&format!("refs/heads/{branch}"))?;
     let deployed = repo.ref_target(DEPLOYED_REF)?;
     let last = RunStore::new(layout.runs()).latest();
     let pull = PullReport::load(&layout.pull_report());
-    let remotes = repo.remotes();
+    let remotes: Vec<(String, String)> = troops::repo::remote_urls(&layout.repo().join("config"))?
+        .into_iter()
+        .map(|(n, u)| (n, troops::repo::redact_url(&u)))
+        .collect();
 
     if args.json {
         let value = json!({

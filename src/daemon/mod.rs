@@ -236,12 +236,19 @@ fn run_request(stream: UnixStream, node: Node, request: Request, user: &str, exe
                 node.layout.lock_file().display()
             )),
             Ok(_lock) => match request {
-                Request::Deploy | Request::Push => {
-                    let trigger = format!("{} by {user}", request.name());
-                    crate::pull::deploy_head(&node, &trigger, &mut out)
+                Request::Deploy => {
+                    crate::pull::deploy_head(&node, &format!("deploy by {user}"), &mut out)
                         .map(|run| run.verdict())
                         .map_err(|e| format!("{e:#}"))
                 }
+                Request::Push => crate::pull::take_push_and_deploy(
+                    &node,
+                    exe,
+                    &format!("push by {user}"),
+                    &mut out,
+                )
+                .map(|run| run.verdict())
+                .map_err(|e| format!("{e:#}")),
                 Request::Pull => crate::pull::pull(
                     &node,
                     exe,
@@ -262,7 +269,7 @@ fn run_request(stream: UnixStream, node: Node, request: Request, user: &str, exe
 }
 
 fn status_line(node: &Node) -> Result<(u8, String), String> {
-    let repo = crate::repo::Repo::open(&node.layout.repo()).map_err(|e| e.to_string())?;
+    let repo = crate::repo::Repo::open(&node.layout.node_repo()).map_err(|e| e.to_string())?;
     let branch = &node.settings.branch;
     let head = repo
         .ref_target(&format!("refs/heads/{branch}"))

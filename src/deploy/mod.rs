@@ -100,7 +100,7 @@ pub fn deploy(
         path: layout.runs(),
         source,
     };
-    fsutil::create_dirs(&layout.runs(), 0o755).map_err(record_err)?;
+    fsutil::create_dirs(&layout.runs(), 0o750).map_err(record_err)?;
     store.mark_interrupted().map_err(record_err)?;
     let previous = repo.ref_target(DEPLOYED_REF).ok().flatten();
     let id = store.next_id();

@@ -63,7 +63,7 @@ pub fn materialise(
     commit: CommitId,
     work: &Path,
 ) -> Result<(PathBuf, Made, std::thread::JoinHandle<()>), String> {
-    fsutil::create_dirs(work, 0o755).map_err(|e| format!("{}: {e}", work.display()))?;
+    fsutil::create_dirs(work, 0o750).map_err(|e| format!("{}: {e}", work.display()))?;
     let dest = work.join(commit.to_string());
     let manifest_path = work.join(MANIFEST);
     let previous = read_manifest(&manifest_path);
