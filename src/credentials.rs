@@ -23,13 +23,9 @@ pub struct Entry {
 
 impl Entry {
     fn parse(line: &str) -> Option<Entry> {
-        let (protocol, rest) = line.trim().split_once("://")?;
-        let (userinfo, rest) = rest.rsplit_once('@')?;
+        let (protocol, authority, path) = split_url(line.trim())?;
+        let (userinfo, host) = authority.rsplit_once('@')?;
         let (user, password) = userinfo.split_once(':')?;
-        let (host, path) = match rest.split_once('/') {
-            Some((h, p)) => (h, p),
-            None => (rest, ""),
-        };
         Some(Entry {
             protocol: protocol.to_owned(),
             host: host.to_owned(),
@@ -98,15 +94,26 @@ pub fn with_entry(text: &str, entry: &Entry) -> String {
 /// The account for `url` in the store at `path`, decoded; the most specific entry wins.
 pub fn lookup(path: &Path, url: &str) -> Option<(String, String)> {
     let text = std::fs::read_to_string(path).ok()?;
-    let (protocol, rest) = url.split_once("://")?;
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
-    let (host, repo_path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (protocol, authority, repo_path) = split_url(url)?;
+    // The host is what follows the userinfo within the authority, never a later '@' in
+    // the path: `https://evil/a@good/x` goes to evil, so it gets nothing of good's.
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if !matches!(protocol, "https" | "http") {
+        return None;
+    }
     let entries = parse(&text);
     let best = entries
         .iter()
         .filter(|e| e.matches(protocol, host, repo_path))
         .max_by_key(|e| e.path.len())?;
     Some((decode(&best.user), decode(&best.password)))
+}
+
+/// `scheme://authority/path` as its three parts; the authority ends at the first '/'.
+fn split_url(url: &str) -> Option<(&str, &str, &str)> {
+    let (protocol, rest) = url.split_once("://")?;
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    Some((protocol, authority, path))
 }
 
 /// Percent-decoding of a URL's user or password.
@@ -135,6 +142,28 @@ fn decode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_goes_only_to_its_own_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("credentials");
+        std::fs::write(&store, "https://deploy:t0ken@good.example/x.git\n").unwrap();
+        assert_eq!(
+            lookup(&store, "https://good.example/x.git"),
+            Some(("deploy".into(), "t0ken".into()))
+        );
+        for elsewhere in [
+            "https://evil.example/a@good.example/x.git",
+            "https://evil.example/good.example/x.git",
+            "https://good.example.evil.example/x.git",
+            "https://good.example:8443/x.git",
+            "http://good.example/x.git",
+            "ssh://good.example/x.git",
+            "https://good.example/y.git",
+        ] {
+            assert_eq!(lookup(&store, elsewhere), None, "{elsewhere}");
+        }
+    }
 
     #[test]
     fn a_url_gives_up_its_secret() {

@@ -65,6 +65,14 @@ pub fn remote_url(layout: &Layout, remote: &str) -> Result<String, String> {
         .find(|(n, _)| n == remote)
         .map(|(_, url)| url)
         .ok_or_else(|| format!("no remote named {remote:?} in {}", shared.display()))
+        // Members write these with `git remote add`: the same rules as a seed's remotes,
+        // so no ext:: transport, no option-like URL, no name that escapes refs/remotes.
+        .and_then(|url| {
+            crate::names::check_remote_name(remote)
+                .and_then(|()| crate::names::check_url(remote, &url))
+                .map(|()| url)
+                .map_err(|e| e.to_string())
+        })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -94,7 +94,8 @@ pub fn check_url(name: &str, url: &str) -> Result<(), NameError> {
     let bad = |why| {
         Err(NameError::Url {
             name: name.to_owned(),
-            url: url.to_owned(),
+            // Errors are printed and logged: never with the password a URL may carry.
+            url: crate::repo::redact_url(url),
             why,
         })
     };

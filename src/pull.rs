@@ -30,6 +30,8 @@ pub enum PullError {
     Deploy(#[from] deploy::DeployError),
     #[error(transparent)]
     Gate(#[from] crate::gate::GateError),
+    #[error("refusing to move the branch from {from} to {to}, which does not contain it")]
+    NotForward { from: CommitId, to: CommitId },
     #[error("failed to write {path}: {source}")]
     State {
         path: String,
@@ -177,11 +179,29 @@ fn take_pushed(
     let branch_ref = format!("refs/heads/{}", node.settings.branch);
     match take.filter(|t| Some(*t) != local) {
         Some(t) => {
-            repo.update_ref(&branch_ref, t, local, "troops: pushed to the node")?;
+            fast_forward(repo, &branch_ref, local, t, "troops: pushed to the node")?;
             Ok((Some(t), held))
         }
         None => Ok((local, held)),
     }
+}
+
+/// Move `branch_ref` from `local` to `to`, which must contain it: whatever chose `to`, the
+/// branch never moves backwards or sideways.
+fn fast_forward(
+    repo: &Repo,
+    branch_ref: &str,
+    local: Option<CommitId>,
+    to: CommitId,
+    why: &str,
+) -> Result<(), PullError> {
+    if let Some(l) = local
+        && !repo.is_ancestor(l, to)?
+    {
+        return Err(PullError::NotForward { from: l, to });
+    }
+    repo.update_ref(branch_ref, to, local, why)?;
+    Ok(())
 }
 
 /// Take what was just pushed, then deploy the branch head: the daemon's answer to a push.
@@ -342,7 +362,13 @@ pub fn pull(
         tracing::warn!(commit = %h.commit, "holding before {}: {}", h.commit.short(), h.reason);
     }
     if let Some(t) = target {
-        repo.update_ref(&branch_ref, t, local, "troops: fast-forward from remotes")?;
+        fast_forward(
+            &repo,
+            &branch_ref,
+            local,
+            t,
+            "troops: fast-forward from remotes",
+        )?;
     }
     let to = target.or(local).filter(|t| Some(*t) != start);
     if let Some(t) = to {

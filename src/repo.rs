@@ -243,23 +243,29 @@ pub fn check_url(remote: &str, url: &str) -> Result<(), RepoError> {
         })
 }
 
-/// `url` with any password in it replaced by `***`, for everything that is printed or kept
-/// where others read it; the user name stays, it tells which credential was used.
+/// `url` with its secrets replaced by `***`, for everything that is printed or kept where
+/// others read it. Over http(s) that is the password, a user name standing alone (tokens
+/// are often given that way) and the query; an ssh user (`git@`) is no secret and stays.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
+    let http = matches!(scheme, "http" | "https");
     let authority_end = rest.find('/').unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let Some(at) = authority.rfind('@') else {
-        return url.to_owned();
+    let (authority, tail) = rest.split_at(authority_end);
+    let tail = match tail.split_once('?') {
+        Some((path, _)) if http => format!("{path}?***"),
+        _ => tail.to_owned(),
     };
-    let userinfo = &authority[..at];
-    let user = match userinfo.split_once(':') {
-        Some((user, _)) => format!("{user}:***"),
-        None => return url.to_owned(),
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None if http => format!("***@{host}"),
+            None => authority.to_owned(),
+        },
+        None => authority.to_owned(),
     };
-    format!("{scheme}://{user}{}", &rest[at..])
+    format!("{scheme}://{authority}{tail}")
 }
 
 /// Every URL-with-password in `text` redacted: error messages from transports quote URLs.
@@ -274,12 +280,17 @@ pub fn redact_text(text: &str, urls: &[&str]) -> String {
     out
 }
 
-/// The user and password in `url`, if it carries both, and the URL without them.
+/// The user and password in `url` (an http(s) user alone counts, with an empty password:
+/// a token given as the user name), and the URL without them.
 pub fn split_credentials(url: &str) -> Option<(String, String, String)> {
     let (scheme, rest) = url.split_once("://")?;
     let authority_end = rest.find('/').unwrap_or(rest.len());
     let at = rest[..authority_end].rfind('@')?;
-    let (user, password) = rest[..at].split_once(':')?;
+    let (user, password) = match rest[..at].split_once(':') {
+        Some((user, password)) => (user, password),
+        None if matches!(scheme, "http" | "https") => (&rest[..at], ""),
+        None => return None,
+    };
     Some((
         user.to_owned(),
         password.to_owned(),
@@ -456,7 +467,27 @@ impl Repo {
         // ssh authenticates with the node's key through core.sshCommand; gix would otherwise
         // ask this callback for a password and report "no credentials" instead of ssh's error.
         let connection = if url.starts_with("http://") || url.starts_with("https://") {
+            // The account is for the URL's own host: a redirect elsewhere is asked, and
+            // answered with nothing.
+            let own = gix::url::parse(gix::bstr::BStr::new(url))
+                .ok()
+                .and_then(|u| {
+                    let host = u.host()?.to_owned();
+                    let host = match u.port {
+                        Some(p) => format!("{host}:{p}"),
+                        None => host,
+                    };
+                    Some((u.scheme.as_str().to_owned(), host))
+                });
             connection.with_credentials(move |action| match action {
+                gix::credentials::helper::Action::Get(ctx)
+                    if own.as_ref().is_none_or(|(scheme, host)| {
+                        ctx.protocol.as_deref() != Some(scheme.as_str())
+                            || ctx.host.as_deref() != Some(host.as_str())
+                    }) =>
+                {
+                    Ok(None)
+                }
                 gix::credentials::helper::Action::Get(ctx) => {
                     Ok(account.clone().map(|(username, password)| {
                         gix::credentials::protocol::Outcome {
@@ -625,18 +656,21 @@ impl Repo {
     }
 
     /// The commits the branch would pass through from `stop` (exclusive) to `tip`: the
-    /// first-parent line, oldest first, with each one's message and committer time.
+    /// first-parent line, oldest first, with each one's message and committer time. Only
+    /// commits that contain `stop` are on it: a merge whose first parent is older history
+    /// (`stop` came in as its second parent) must not offer that history as a place to stop,
+    /// or the branch would move backwards.
     pub fn first_parent_line(
         &self,
         tip: CommitId,
         stop: Option<CommitId>,
     ) -> Result<Vec<LineCommit>, RepoError> {
+        // Commits reachable from `stop` end the walk: none of them is new.
+        let new: std::collections::HashSet<CommitId> =
+            self.commits_between(tip, stop)?.into_iter().collect();
         let mut line = Vec::new();
         let mut cur = Some(tip.0);
-        while let Some(id) = cur {
-            if Some(CommitId(id)) == stop {
-                break;
-            }
+        while let Some(id) = cur.filter(|id| new.contains(&CommitId(*id))) {
             let commit = self
                 .repo
                 .find_commit(id)
@@ -656,6 +690,19 @@ impl Repo {
             cur = commit.parent_ids().next().map(|p| p.detach());
         }
         line.reverse();
+        if let Some(stop) = stop {
+            // Containing `stop` holds for a suffix of the line: find where it starts.
+            let (mut lo, mut hi) = (0, line.len());
+            while lo < hi {
+                let mid = (lo + hi) / 2;
+                if self.is_ancestor(stop, line[mid].id)? {
+                    hi = mid;
+                } else {
+                    lo = mid + 1;
+                }
+            }
+            line.drain(..lo);
+        }
         Ok(line)
     }
 
@@ -825,5 +872,48 @@ impl Repo {
             return Err(fail(format!("path collision at {}", c.path)));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_never_survive_redaction() {
+        for (url, shown) in [
+            (
+                "https://deploy:t0k@host/x.git",
+                "https://deploy:***@host/x.git",
+            ),
+            (
+                "https://ghp_t0k@github.com/o/r.git",
+                "https://***@github.com/o/r.git",
+            ),
+            (
+                "https://host/x.git?access_token=t0k",
+                "https://host/x.git?***",
+            ),
+            ("ssh://git@host/x.git", "ssh://git@host/x.git"),
+            ("ssh://git:pw@host/x.git", "ssh://git:***@host/x.git"),
+            ("https://host/a@b/x.git", "https://host/a@b/x.git"),
+            ("git@host:x.git", "git@host:x.git"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn credentials_come_out_of_the_url() {
+        assert_eq!(
+            split_credentials("https://ghp_t0k@github.com/o/r.git"),
+            Some((
+                "ghp_t0k".into(),
+                String::new(),
+                "https://github.com/o/r.git".into()
+            ))
+        );
+        assert_eq!(split_credentials("ssh://git@host/x.git"), None);
+        assert_eq!(split_credentials("https://host/a@b/x"), None);
     }
 }

@@ -62,7 +62,7 @@ fn user(world: &World, sshd: &Sshd, tag: &str, group: Option<&str>) -> User {
 }
 
 /// `troops serve` as root for a node, stopped afterwards.
-struct Daemon(Child);
+pub(crate) struct Daemon(Child);
 
 impl Drop for Daemon {
     fn drop(&mut self) {
@@ -71,7 +71,7 @@ impl Drop for Daemon {
     }
 }
 
-fn serve(node: &Node) -> Daemon {
+pub(crate) fn serve(node: &Node) -> Daemon {
     let child = node.command(&["serve"]).spawn().unwrap();
     let socket = node.path("run/troops/troops.sock");
     let deadline = Instant::now() + Duration::from_secs(20);

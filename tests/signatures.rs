@@ -7,12 +7,12 @@ use std::process::Command;
 use crate::util::*;
 
 /// An SSH signing key and the allowed_signers line that trusts it.
-struct SshSigner {
-    key: PathBuf,
-    line: String,
+pub(crate) struct SshSigner {
+    pub key: PathBuf,
+    pub line: String,
 }
 
-fn ssh_signer(world: &World, name: &str) -> SshSigner {
+pub(crate) fn ssh_signer(world: &World, name: &str) -> SshSigner {
     let key = world.path(&format!("signers/{name}"));
     std::fs::create_dir_all(key.parent().unwrap()).unwrap();
     assert!(
@@ -34,7 +34,7 @@ fn ssh_signer(world: &World, name: &str) -> SshSigner {
 }
 
 /// Commit everything, signed with `key` (SSH) if given.
-fn commit_ssh(up: &Upstream, message: &str, key: Option<&Path>) -> String {
+pub(crate) fn commit_ssh(up: &Upstream, message: &str, key: Option<&Path>) -> String {
     let mut cmd = Command::new("git");
     cmd.arg("-C")
         .arg(&up.dir)
@@ -57,7 +57,7 @@ fn commit_ssh(up: &Upstream, message: &str, key: Option<&Path>) -> String {
     up.head()
 }
 
-fn node_verifying(t: &One, verify: &str, allowed: &[&str]) {
+pub(crate) fn node_verifying(t: &One, verify: &str, allowed: &[&str]) {
     let seed = t.world.path("seed.json");
     let lines: Vec<String> = allowed.iter().map(|l| format!("{l:?}")).collect();
     std::fs::write(

@@ -12,3 +12,4 @@ mod push;
 mod rollout;
 mod signatures;
 mod ssh;
+mod trust;

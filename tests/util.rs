@@ -436,3 +436,68 @@ impl One {
         c
     }
 }
+
+/// A throwaway local user (in `group` if given), removed afterwards: an admin-group member
+/// or an outsider, acting with its own uid through runuser.
+pub struct Member {
+    pub name: String,
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-u", &self.name])
+            .output();
+        let _ = Command::new("userdel").args(["-f", &self.name]).output();
+    }
+}
+
+static MEMBERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl Member {
+    pub fn new(group: Option<&str>) -> Member {
+        let n = MEMBERS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let name = format!("trm{}x{n}", std::process::id());
+        let made = Command::new("useradd")
+            .args(["-M", "-s", "/bin/sh", &name])
+            .status()
+            .unwrap();
+        assert!(made.success(), "useradd {name}");
+        let member = Member { name };
+        if let Some(g) = group {
+            let added = Command::new("gpasswd")
+                .args(["-a", &member.name, g])
+                .output()
+                .unwrap();
+            assert!(added.status.success(), "gpasswd -a {} {g}", member.name);
+        }
+        member
+    }
+
+    /// `program args` as this user, with a clean HOME (none of root's config).
+    pub fn command(&self, program: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new("runuser");
+        c.args(["-u", &self.name, "--", "env", "HOME=/nonexistent"])
+            .arg(program)
+            .args(args)
+            .env_remove("TROOPS_ROOT")
+            .env_remove("JOURNAL_STREAM");
+        c
+    }
+
+    pub fn run(&self, program: &Path, args: &[&str]) -> Run {
+        self.command(program, args).output().unwrap().into()
+    }
+
+    /// git in `repo` as this user: what a member can do to the shared repo by hand.
+    pub fn git(&self, repo: &Path, args: &[&str]) -> Run {
+        let mut all = vec![
+            "-c",
+            "safe.directory=*",
+            "--git-dir",
+            repo.to_str().unwrap(),
+        ];
+        all.extend(args);
+        self.run(Path::new("git"), &all)
+    }
+}

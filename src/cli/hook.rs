@@ -132,7 +132,8 @@ pub fn relay(socket: &Path, request: Request) -> Result<u8> {
     let (code, summary) = client::request(socket, request, |reply| match reply {
         Reply::Out(line) => {
             let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{line}");
+            // Escaped at capture already; again here, for a daemon that predates that.
+            let _ = writeln!(out, "{}", troops::deploy::runner::escape_controls(line));
             let _ = out.flush();
         }
         Reply::Info(info) => eprintln!("troops: {info}"),

@@ -25,7 +25,10 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
         }
         let text = std::fs::read_to_string(&record.output)
             .with_context(|| format!("failed to read {}", record.output.display()))?;
-        print!("{text}");
+        // Logs written before output was escaped at capture may still hold raw escapes.
+        for line in text.lines() {
+            println!("{}", troops::deploy::runner::escape_controls(line));
+        }
         return Ok(0);
     }
     let runs = store.list();

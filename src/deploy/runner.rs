@@ -1,6 +1,10 @@
 //! Child processes of a deploy (the installer, deploy.py): a clean, small environment, stdin
 //! from /dev/null, stdout and stderr merged into one pipe so lines keep their order, read
 //! line by line as they come.
+//!
+//! What a child prints reaches run logs, the journal and an admin's terminal, so each line
+//! is made inert as it is read ([`relay_line`]): control characters are shown escaped, and a
+//! line that would pass for one of troops' own (`troops: ...`) is marked as the child's.
 
 use std::io::{self, BufRead, BufReader};
 use std::os::unix::process::CommandExt;
@@ -91,7 +95,66 @@ pub fn run(inv: &Invocation, on_line: &mut dyn FnMut(&str)) -> io::Result<ExitSt
             break;
         }
         let line = String::from_utf8_lossy(&buf);
-        on_line(line.trim_end_matches(['\n', '\r']));
+        on_line(&relay_line(line.trim_end_matches(['\n', '\r'])));
     }
     child.wait()
+}
+
+/// Control characters (C0 but tab, DEL, C1) as `\xNN` / `\u{NN}`: a terminal shows them,
+/// never obeys them (colours, titles, cursor moves, a fake clear screen).
+pub fn escape_controls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\t' => out.push(c),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c if ('\u{80}'..='\u{9f}').contains(&c) => {
+                out.push_str(&format!("\\u{{{:02x}}}", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A child's line as troops relays it: escaped, and prefixed `deploy.py: ` when it starts
+/// with `troops` so that only troops' own lines ever start that way.
+pub fn relay_line(line: &str) -> String {
+    let line = escape_controls(line);
+    if line.trim_start().to_ascii_lowercase().starts_with("troops") {
+        format!("deploy.py: {line}")
+    } else {
+        line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_shown_not_obeyed() {
+        assert_eq!(
+            relay_line("\x1b[31mred\x1b[0m \x1b]0;title\x07 tab\tok \u{9b}2J"),
+            "\\x1b[31mred\\x1b[0m \\x1b]0;title\\x07 tab\tok \\u{9b}2J"
+        );
+        assert_eq!(
+            relay_line("plain, \u{e9}t\u{e9} \u{2713}"),
+            "plain, \u{e9}t\u{e9} \u{2713}"
+        );
+    }
+
+    #[test]
+    fn lines_posing_as_troops_are_marked() {
+        assert_eq!(
+            relay_line("troops: run 9: deployed 0123456789ab"),
+            "deploy.py: troops: run 9: deployed 0123456789ab"
+        );
+        assert_eq!(relay_line("  TROOPS: x"), "deploy.py:   TROOPS: x");
+        // An escape sequence in front does not hide it either.
+        assert_eq!(relay_line("\rtroops: ok"), "\\x0dtroops: ok");
+        assert_eq!(relay_line("not troops: x"), "not troops: x");
+    }
 }
