@@ -29,6 +29,11 @@ pub fn tracking_ref(remote: &str, branch: &str) -> String {
     }
 }
 
+/// A repository on this machine (a path or file:// URL): read with the admin group's rights.
+pub fn is_local(url: &str) -> bool {
+    url.starts_with('/') || url.starts_with("file://")
+}
+
 /// The URL to fetch `remote` from: the shared repo itself for `PUSHED`, else its
 /// `remote.<name>.url`. The shared repo may borrow objects from root's repository and
 /// from nowhere else: an alternates file a member pointed elsewhere would have root copy

@@ -403,47 +403,103 @@ pub fn plan(layout: &Layout, req: &Request) -> Result<Plan, InitError> {
 }
 
 /// A file written and synced beside its destination; `commit` renames it into place.
+/// Every step goes through a directory handle opened beneath a trusted anchor, and the temp
+/// file is created exclusively under an unpredictable name: in the members' repository a
+/// symlink planted for the temp name, the destination or a parent is never written through.
 struct StagedFile {
-    tmp: PathBuf,
+    dir: cap_std::fs::Dir,
+    tmp: String,
+    name: std::ffi::OsString,
     dest: PathBuf,
 }
 
 impl StagedFile {
     fn write(dest: &Path, contents: &[u8], mode: u32) -> Result<StagedFile, InitError> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         let dir = dest.parent().unwrap_or(Path::new("/"));
         fsutil::create_dirs(dir, 0o755).map_err(io_err(dir))?;
-        let tmp = dir.join(format!(
-            ".{}.init-{}",
-            dest.file_name().unwrap_or_default().to_string_lossy(),
-            std::process::id()
-        ));
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(io_err(&tmp))?;
-        f.write_all(contents)
-            .and_then(|_| f.sync_all())
-            .map_err(io_err(&tmp))?;
-        Ok(StagedFile {
+        StagedFile::write_beneath(
+            dir,
+            Path::new(dest.file_name().unwrap_or_default()),
+            contents,
+            mode,
+        )
+    }
+
+    /// `anchor/rel`, where `anchor` is root's and what is below it may be anyone's.
+    fn write_beneath(
+        anchor: &Path,
+        rel: &Path,
+        contents: &[u8],
+        mode: u32,
+    ) -> Result<StagedFile, InitError> {
+        use cap_std::fs::OpenOptionsExt;
+        use std::io::Write;
+        let dest = anchor.join(rel);
+        let top = cap_std::fs::Dir::open_ambient_dir(anchor, cap_std::ambient_authority())
+            .map_err(io_err(anchor))?;
+        let dir = match rel.parent().filter(|p| !p.as_os_str().is_empty()) {
+            Some(p) => {
+                top.create_dir_all(p).map_err(io_err(&dest))?;
+                top.open_dir(p).map_err(io_err(&dest))?
+            }
+            None => top,
+        };
+        let name = rel.file_name().unwrap_or_default().to_owned();
+        let mut attempt = 0u32;
+        let (tmp, mut f) = loop {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            let tmp = format!(
+                ".{}.init-{}-{nanos:x}{attempt}",
+                name.to_string_lossy(),
+                std::process::id()
+            );
+            match dir.open_with(
+                &tmp,
+                cap_std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(mode),
+            ) {
+                Ok(f) => break (tmp, f),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 16 => {
+                    attempt += 1;
+                }
+                Err(e) => return Err(io_err(&dest)(e)),
+            }
+        };
+        let staged = StagedFile {
+            dir,
             tmp,
-            dest: dest.to_owned(),
-        })
+            name,
+            dest: dest.clone(),
+        };
+        f.write_all(contents)
+            .and_then(|_| {
+                f.set_permissions(cap_std::fs::Permissions::from_std(
+                    fs::Permissions::from_mode(mode),
+                ))
+            })
+            .and_then(|_| f.sync_all())
+            .map_err(io_err(&dest))?;
+        Ok(staged)
     }
 
     fn commit(&self) -> Result<(), InitError> {
-        fs::rename(&self.tmp, &self.dest).map_err(io_err(&self.dest))?;
-        fsutil::sync_dir(self.dest.parent().unwrap_or(Path::new("/"))).map_err(io_err(&self.dest))
+        self.dir
+            .rename(&self.tmp, &self.dir, &self.name)
+            .map_err(io_err(&self.dest))?;
+        self.dir
+            .open(".")
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(&self.dest))
     }
 }
 
 impl Drop for StagedFile {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.tmp);
+        let _ = self.dir.remove_file(&self.tmp);
     }
 }
 
@@ -458,16 +514,26 @@ pub enum GroupAccess {
 
 /// Give the admin group `access` to the repo: group ownership, setgid directories so new
 /// files keep the group; with `Read`, no group write and nothing for others.
+///
+/// Members write in the shared repo, so every entry is opened (O_NOFOLLOW, beneath its
+/// parent's handle) and changed through its descriptor: a path swapped for a symlink
+/// between a look and a chown is never followed out of the repository.
 pub fn share_with_group(repo: &Path, gid: u32, access: GroupAccess) -> Result<bool, InitError> {
-    let mut changed = false;
-    let mut stack = vec![repo.to_owned()];
-    while let Some(p) = stack.pop() {
-        let meta = fs::symlink_metadata(&p).map_err(io_err(&p))?;
-        if meta.file_type().is_symlink() {
-            continue;
-        }
+    use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
+    let open = |dir: &Dir, name: &std::ffi::OsStr| {
+        dir.open_with(
+            name,
+            OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK),
+        )
+        .map(cap_std::fs::File::into_std)
+    };
+    let fix = |file: &fs::File, path: &Path| -> Result<bool, InitError> {
+        let meta = file.metadata().map_err(io_err(path))?;
+        let mut changed = false;
         if meta.gid() != gid {
-            std::os::unix::fs::chown(&p, None, Some(gid)).map_err(io_err(&p))?;
+            std::os::unix::fs::fchown(file, None, Some(gid)).map_err(io_err(path))?;
             changed = true;
         }
         let mode = meta.permissions().mode() & 0o7777;
@@ -479,12 +545,30 @@ pub fn share_with_group(repo: &Path, gid: u32, access: GroupAccess) -> Result<bo
             GroupAccess::Read => (mode & !0o027) | 0o040,
         };
         if want != mode {
-            fs::set_permissions(&p, fs::Permissions::from_mode(want)).map_err(io_err(&p))?;
+            file.set_permissions(fs::Permissions::from_mode(want))
+                .map_err(io_err(path))?;
             changed = true;
         }
-        if meta.is_dir() {
-            for e in fs::read_dir(&p).map_err(io_err(&p))? {
-                stack.push(e.map_err(io_err(&p))?.path());
+        Ok(changed)
+    };
+    let top = fs::File::open(repo).map_err(io_err(repo))?;
+    let mut changed = fix(&top, repo)?;
+    let mut stack = vec![(Dir::from_std_file(top), repo.to_owned())];
+    while let Some((dir, path)) = stack.pop() {
+        for entry in dir.entries().map_err(io_err(&path))? {
+            let name = entry.map_err(io_err(&path))?.file_name();
+            let here = path.join(&name);
+            // Gone, a symlink (ELOOP), a socket: nothing of ours to fix.
+            let Ok(file) = open(&dir, &name) else {
+                continue;
+            };
+            let kind = file.metadata().map_err(io_err(&here))?.file_type();
+            if !kind.is_dir() && !kind.is_file() {
+                continue;
+            }
+            changed |= fix(&file, &here)?;
+            if kind.is_dir() {
+                stack.push((Dir::from_std_file(file), here));
             }
         }
     }
@@ -553,16 +637,19 @@ fn stage_and_commit(
         staged.push(StagedFile::write(path, contents.as_bytes(), *mode)?);
     }
     if !plan.new_repo {
+        // The members' repository: written beneath it, never through what they put there.
         for (which, script) in &plan.hooks {
-            staged.push(StagedFile::write(
-                &layout.repo().join("hooks").join(which),
+            staged.push(StagedFile::write_beneath(
+                &layout.repo(),
+                &Path::new("hooks").join(which),
                 script.as_bytes(),
                 0o755,
             )?);
         }
         if let Some(text) = &plan.alternates {
-            staged.push(StagedFile::write(
-                &layout.repo().join("objects/info/alternates"),
+            staged.push(StagedFile::write_beneath(
+                &layout.repo(),
+                Path::new("objects/info/alternates"),
                 text.as_bytes(),
                 0o644,
             )?);
@@ -626,7 +713,20 @@ fn stage_and_commit(
         new_node_repo = Some(dir);
     }
 
-    // Commit: renames, then the one locked write of an existing repo's config.
+    // The existing shared repo's config, staged in its lock file like everything else.
+    let shared_config =
+        match &new_repo {
+            None if !plan.remotes.is_empty() || !config.is_empty() => Some(
+                crate::repo::stage_config(&layout.repo(), &plan.remotes, &config)?,
+            ),
+            _ => None,
+        };
+
+    // Commit: the members' config first (the one write they could have contended), then
+    // renames.
+    if let Some(c) = shared_config {
+        c.commit()?;
+    }
     if let Some(k) = key {
         k.commit()?;
     }
@@ -645,10 +745,6 @@ fn stage_and_commit(
             dir.done = true;
         }
         None => {
-            let mut repo = Repo::open(&layout.repo())?;
-            if !plan.remotes.is_empty() || !config.is_empty() {
-                repo.configure(&plan.remotes, &config)?;
-            }
             share_with_group(&layout.repo(), gid, GroupAccess::Write)?;
         }
     }

@@ -15,6 +15,9 @@ use gix::refs::transaction::{Change, LogChange, PreviousValue, RefEdit, RefLog};
 use gix::remote::Direction;
 use thiserror::Error;
 
+/// The overflow uid Debian names `nobody`: local repositories are read as it.
+const NOBODY: u32 = 65534;
+
 /// A commit id, kept apart from gix's type so the rest of the agent never names gix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CommitId(gix::ObjectId);
@@ -176,31 +179,31 @@ pub fn hook_is_ancestor(ancestor: CommitId, descendant: CommitId) -> Result<bool
     }
 }
 
-/// The remotes a member configured in the shared repo, as `(name, url)` in file order: only
-/// `remote.<name>.url` is read. The file is input written by the admin group, so it is
-/// opened without following a symlink, must be a regular file of sane size, and its
-/// includes are not followed; nothing else in it (sshCommand, uploadpack, credential
-/// helpers, proxies) ever reaches a git run by root.
-pub fn remote_urls(config: &Path) -> Result<Vec<(String, String)>, RepoError> {
+/// A repository's config file, read as data: a symlink, a FIFO or anything but a regular
+/// file of at most 1 MiB is refused, includes are not followed. Absent: empty.
+fn read_config(path: &Path, what: &str) -> Result<gix::config::File, RepoError> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     let fail = |message: String| RepoError::Git {
-        path: config.to_owned(),
-        what: "read the remotes".into(),
+        path: path.to_owned(),
+        what: what.to_owned(),
         message,
     };
     const MAX: u64 = 1 << 20;
+    let meta = gix::config::file::Metadata::from(gix::config::Source::Local);
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(config);
+        .open(path);
     let file = match file {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(gix::config::File::new(meta));
+        }
         Err(e) => return Err(fail(format!("{e} (a symlink is refused)"))),
     };
-    let meta = file.metadata().map_err(|e| fail(e.to_string()))?;
-    if !meta.is_file() || meta.len() > MAX {
+    let stat = file.metadata().map_err(|e| fail(e.to_string()))?;
+    if !stat.is_file() || stat.len() > MAX {
         return Err(fail(format!(
             "not a regular file of at most {MAX} bytes; refused"
         )));
@@ -209,12 +212,81 @@ pub fn remote_urls(config: &Path) -> Result<Vec<(String, String)>, RepoError> {
     file.take(MAX)
         .read_to_end(&mut bytes)
         .map_err(|e| fail(e.to_string()))?;
-    let parsed = gix::config::File::from_bytes_no_includes(
-        &bytes,
-        gix::config::file::Metadata::from(gix::config::Source::Local),
-        Default::default(),
+    gix::config::File::from_bytes_no_includes(&bytes, meta, Default::default())
+        .map_err(|e| fail(format!("not a git config file: {}", chain(&e))))
+}
+
+/// A repository's new config, written into its lock file (`config.lock`, created
+/// exclusively) and not yet in place: init stages it with everything else, and a failure
+/// before `commit` leaves the old config untouched.
+pub struct StagedConfig {
+    lock: gix::lock::File,
+    path: PathBuf,
+}
+
+impl StagedConfig {
+    pub fn commit(self) -> Result<(), RepoError> {
+        let path = self.path;
+        self.lock.commit().map_err(|e| RepoError::Git {
+            path: path.clone(),
+            what: "write the config".into(),
+            message: e.error.to_string(),
+        })?;
+        Ok(())
+    }
+}
+
+/// `remotes` (with the usual fetch refspec) and `values` set in `git_dir`'s config, staged.
+/// The config is read as data ([`read_config`]) and the repository is never opened: this is
+/// also how root edits the members' shared repository.
+pub fn stage_config(
+    git_dir: &Path,
+    remotes: &[(String, String)],
+    values: &[(&str, &str)],
+) -> Result<StagedConfig, RepoError> {
+    let path = git_dir.join("config");
+    let fail = |what: String| {
+        let path = path.clone();
+        move |e: &dyn std::fmt::Display| RepoError::Git {
+            path,
+            what,
+            message: e.to_string(),
+        }
+    };
+    let mut config = read_config(&path, "read the config")?;
+    for (name, url) in remotes {
+        let spec = format!("+refs/heads/*:refs/remotes/{name}/*");
+        for (key, value) in [("url", url.as_str()), ("fetch", spec.as_str())] {
+            config
+                .set_raw_value_by("remote", Some(name.as_str().into()), key, value)
+                .map_err(|e| fail(format!("set remote.{name}.{key}"))(&e))?;
+        }
+    }
+    for (key, value) in values {
+        config
+            .set_raw_value(*key, *value)
+            .map_err(|e| fail(format!("set {key}"))(&e))?;
+    }
+    let mut lock = gix::lock::File::acquire_to_update_resource(
+        &path,
+        gix::lock::acquire::Fail::AfterDurationWithBackoff(std::time::Duration::from_secs(5)),
+        None,
+        0,
     )
-    .map_err(|e| fail(format!("not a git config file: {}", chain(&e))))?;
+    .map_err(|e| fail("lock the config".into())(&e))?;
+    config
+        .write_to(&mut lock)
+        .map_err(|e| fail("write the config".into())(&e))?;
+    Ok(StagedConfig { lock, path })
+}
+
+/// The remotes a member configured in the shared repo, as `(name, url)` in file order: only
+/// `remote.<name>.url` is read. The file is input written by the admin group, so it is
+/// opened without following a symlink, must be a regular file of sane size, and its
+/// includes are not followed; nothing else in it (sshCommand, uploadpack, credential
+/// helpers, proxies) ever reaches a git run by root.
+pub fn remote_urls(config: &Path) -> Result<Vec<(String, String)>, RepoError> {
+    let parsed = read_config(config, "read the remotes")?;
     let mut out: Vec<(String, String)> = Vec::new();
     for section in parsed.sections_by_name("remote").into_iter().flatten() {
         let Some(name) = section.header().subsection_name() else {
@@ -388,43 +460,8 @@ impl Repo {
         remotes: &[(String, String)],
         values: &[(&str, &str)],
     ) -> Result<(), RepoError> {
-        let config_path = self.repo.git_dir().join("config");
-        let mut config = gix::config::File::from_path_no_includes(
-            config_path.clone(),
-            gix::config::Source::Local,
-        )
-        .map_err(self.err(format!("read {}", config_path.display())))?;
-        for (name, url) in remotes {
-            let spec = format!("+refs/heads/*:refs/remotes/{name}/*");
-            let mut remote = self
-                .repo
-                .remote_at(url.as_str())
-                .map_err(self.err(format!("parse the URL of remote {name:?}")))?
-                .with_refspecs([spec.as_str()], Direction::Fetch)
-                .map_err(self.err("set the fetch refspec"))?;
-            remote
-                .save_as_to(name.as_str(), &mut config)
-                .map_err(self.err(format!("save remote {name:?}")))?;
-        }
-        for (key, value) in values {
-            config
-                .set_raw_value(*key, *value)
-                .map_err(self.err(format!("set {key}")))?;
-        }
-        let mut lock = gix::lock::File::acquire_to_update_resource(
-            &config_path,
-            gix::lock::acquire::Fail::AfterDurationWithBackoff(std::time::Duration::from_secs(5)),
-            None,
-            0,
-        )
-        .map_err(self.err(format!("lock {}", config_path.display())))?;
-        config
-            .write_to(&mut lock)
-            .map_err(self.err(format!("write {}", config_path.display())))?;
-        lock.commit()
-            .map_err(|e| e.error)
-            .map_err(self.err(format!("write {}", config_path.display())))?;
-        self.repo = gix::open(&self.path).map_err(self.err("reopen the repository"))?;
+        stage_config(&self.path, remotes, values)?.commit()?;
+        self.repo = Repo::open(&self.path)?.repo;
         Ok(())
     }
 
@@ -542,6 +579,76 @@ impl Repo {
             .filter(|m| m.local.as_ref().is_some_and(|l| l == tracking))
             .find_map(|m| m.remote.as_id())
             .map(|id| CommitId(id.to_owned())))
+    }
+
+    /// Fetch `branch` from the local repository at `url` (a path or file:// URL) into
+    /// `tracking`, reading it with the admin group's rights only: git's upload-pack runs as
+    /// the unprivileged `nobody` with `gid` as its one group. A repository members can write
+    /// (or name in a remote) then gives root nothing a member could not read already, and a
+    /// symlink planted in it to a root-only repository leads nowhere. `fsck` checks every
+    /// object that arrives (what members wrote). `Ok(None)` when there is no such branch.
+    pub fn fetch_local_as_group(
+        &self,
+        remote: &str,
+        url: &str,
+        branch: &str,
+        tracking: &str,
+        gid: u32,
+        fsck: bool,
+    ) -> Result<Option<CommitId>, RepoError> {
+        let fail = |message: String| RepoError::Fetch {
+            remote: remote.to_owned(),
+            url: url.to_owned(),
+            message,
+        };
+        // setpriv (util-linux, Essential in Debian) drops to nobody: git passes this through
+        // a shell, with the repository's path appended quoted.
+        let upload_pack = format!(
+            "setpriv --reuid={NOBODY} --regid={gid} --clear-groups --inh-caps=-all -- git -c safe.directory=* -c core.hooksPath=/dev/null upload-pack"
+        );
+        let out = std::process::Command::new("git")
+            .arg("--git-dir")
+            .arg(&self.path)
+            .args([
+                "-c",
+                "core.hooksPath=/dev/null",
+                "-c",
+                "core.fsmonitor=false",
+            ])
+            .args(["-c", "protocol.file.allow=always", "-c", "gc.auto=0"])
+            .args([
+                "-c",
+                "maintenance.auto=false",
+                "-c",
+                "fetch.writeCommitGraph=false",
+            ])
+            .args(["-c", &format!("transfer.fsckObjects={fsck}")])
+            .args(["fetch", "--quiet", "--no-tags", "--no-write-fetch-head"])
+            .args(["--no-recurse-submodules", "--no-auto-gc", "--upload-pack"])
+            .arg(upload_pack)
+            .arg("--")
+            .arg(url)
+            .arg(format!("+refs/heads/{branch}:{tracking}"))
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("LC_ALL", "C")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| fail(format!("failed to run git fetch: {e}")))?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if stderr.contains("couldn't find remote ref") {
+                return Ok(None);
+            }
+            let said: Vec<&str> = stderr
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            return Err(fail(said.join("; ")));
+        }
+        self.ref_target(tracking)
     }
 
     /// gix writes packs readable by their owner only; pushers (the admin group) must read

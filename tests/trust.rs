@@ -741,3 +741,152 @@ fn a_merge_never_walks_the_node_back_to_older_history() {
     assert_eq!(t.node.read("out/tag").as_deref(), Some("new"));
     assert_ne!(merge, new);
 }
+
+#[test]
+fn a_member_cannot_make_root_copy_a_repository_only_root_reads() {
+    let t = one_remote(&[]);
+    t.world.shared_binary();
+    t.up.write("deploy.py", &simple_deploy("one"));
+    t.ship("one");
+    // A repository only root can read, with a secret in it.
+    let secret = t.world.path("root-only");
+    std::fs::create_dir_all(&secret).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let private = secret.join("private.git");
+    git(
+        &secret,
+        &["init", "-q", "--bare", private.to_str().unwrap()],
+    );
+    let leak = t.world.upstream("leak");
+    leak.write("secret.txt", "SECRET-V1");
+    leak.commit("secret");
+    leak.push(&private);
+
+    let m = Member::new(Some(&t.node.group));
+    // Route one: a remote naming it.
+    let add = m.git(
+        &t.node.repo(),
+        &["remote", "add", "leak", private.to_str().unwrap()],
+    );
+    assert_eq!(add.code, 0, "{}", add.stderr);
+    // Route two: the shared repo's own branch and objects made links into it.
+    let shared = t.node.repo();
+    for (link, target) in [
+        ("refs/heads/master", private.join("refs/heads/master")),
+        ("objects/pack", private.join("objects/pack")),
+    ] {
+        let _ = std::fs::remove_dir_all(shared.join(link));
+        let made = m.run(
+            Path::new("ln"),
+            &[
+                "-sfn",
+                target.to_str().unwrap(),
+                shared.join(link).to_str().unwrap(),
+            ],
+        );
+        assert_eq!(made.code, 0, "{}", made.stderr);
+    }
+    let pull = t.node.troops(&["pull"]);
+    let leaked = leak.head();
+    assert_eq!(
+        t.node.read("out/tag").as_deref(),
+        Some("one"),
+        "{}",
+        pull.all()
+    );
+    // Nothing of it reached root's repository, which members read.
+    let has = Command::new("git")
+        .arg("--git-dir")
+        .arg(t.node.state_repo())
+        .args(["cat-file", "-e", &leaked])
+        .status()
+        .unwrap();
+    assert!(!has.success(), "root copied {leaked} where members read it");
+    assert_eq!(t.node.remote_report("leak")["fetch"], "failed");
+}
+
+#[test]
+fn init_writes_nothing_through_what_members_planted_in_the_shared_repo() {
+    let t = one_remote(&[]);
+    t.world.shared_binary();
+    let m = Member::new(Some(&t.node.group));
+    let shared = t.node.repo();
+    let outside = t.world.path("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let reinit = || {
+        t.node.troops(&[
+            "init",
+            "--no-pull",
+            "--group",
+            &t.node.group,
+            "--remote",
+            &format!("origin=file://{}", t.remote.display()),
+            "--remote",
+            "more=https://git.example.com/x.git",
+        ])
+    };
+
+    // The hooks directory made a link to a directory outside.
+    let hooks = shared.join("hooks");
+    let moved = m.run(
+        Path::new("mv"),
+        &[
+            hooks.to_str().unwrap(),
+            shared.join("old-hooks").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(moved.code, 0, "{}", moved.stderr);
+    let linked = m.run(
+        Path::new("ln"),
+        &["-s", outside.to_str().unwrap(), hooks.to_str().unwrap()],
+    );
+    assert_eq!(linked.code, 0, "{}", linked.stderr);
+    let before = snapshot(&t.node.root);
+    reinit().failed();
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+    assert_eq!(
+        snapshot(&t.node.root),
+        before,
+        "a failed init changed the node"
+    );
+    std::fs::remove_file(&hooks).unwrap();
+    std::fs::rename(shared.join("old-hooks"), &hooks).unwrap();
+
+    // The config made a link to a root-only file in git's config format.
+    let private = t.world.path("private.config");
+    std::fs::write(
+        &private,
+        "[http]\n\textraHeader = Authorization: Bearer ROOTSECRET\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = shared.join("config");
+    let saved = std::fs::read(&config).unwrap();
+    std::fs::remove_file(&config).unwrap();
+    std::os::unix::fs::symlink(&private, &config).unwrap();
+    let out = reinit().failed();
+    assert!(out.stderr.contains("symlink"), "{}", out.stderr);
+    assert_eq!(std::fs::read_link(&config).unwrap(), private);
+    std::fs::remove_file(&config).unwrap();
+    std::fs::write(&config, &saved).unwrap();
+
+    // A member holding the config's lock: init waits, gives up, and changes nothing.
+    let lock = shared.join("config.lock");
+    std::fs::write(&lock, "").unwrap();
+    let before = snapshot(&t.node.root);
+    let out = reinit().failed();
+    assert!(out.stderr.contains("config"), "{}", out.stderr);
+    assert_eq!(
+        snapshot(&t.node.root),
+        before,
+        "a failed init changed the node"
+    );
+    std::fs::remove_file(&lock).unwrap();
+    reinit().ok();
+    assert!(
+        !std::fs::read_to_string(&config)
+            .unwrap()
+            .contains("ROOTSECRET")
+    );
+}

@@ -58,11 +58,16 @@ impl World {
             module.display()
         );
         let n = WORLDS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir = tempfile::Builder::new()
+            .prefix("troops-test-")
+            .tempdir()
+            .unwrap();
+        // Nodes read local remotes with the admin group's rights only (as nobody): the
+        // world's remotes must be reachable by others, as a real local mirror would be.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         World {
-            dir: tempfile::Builder::new()
-                .prefix("troops-test-")
-                .tempdir()
-                .unwrap(),
+            dir,
             group: format!("trt{}x{n}", std::process::id()),
         }
     }

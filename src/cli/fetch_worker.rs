@@ -31,7 +31,19 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
         None => troops::credentials::lookup(&layout.credentials(), &url),
     };
     let tracking = fetch::tracking_ref(&args.remote, &args.branch);
-    match repo.fetch_branch(&args.remote, &url, &args.branch, &tracking, account) {
+    let fetched = match fetch::is_local(&url) {
+        true => {
+            let node = troops::node::Node::open(root)?;
+            let group = &node.settings.admin_group;
+            let gid = troops::accounts::group_gid(group)?
+                .ok_or_else(|| anyhow::anyhow!("the admin group {group:?} does not exist"))?;
+            // What members pushed is checked object by object as it arrives.
+            let fsck = args.remote == fetch::PUSHED;
+            repo.fetch_local_as_group(&args.remote, &url, &args.branch, &tracking, gid, fsck)
+        }
+        false => repo.fetch_branch(&args.remote, &url, &args.branch, &tracking, account),
+    };
+    match fetched {
         Ok(tip) => {
             println!("{}", wire::tip(tip));
             Ok(0)
