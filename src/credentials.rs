@@ -171,7 +171,11 @@ mod tests {
         assert_eq!(bare, "https://git.example.com/x.git");
         assert_eq!(e.line(), "https://deploy:s%40cret@git.example.com/x.git");
         assert!(Entry::from_url("https://git.example.com/x.git").is_none());
-        assert!(Entry::from_url("https://deploy@git.example.com/x.git").is_none());
+        // A token given as the user name is a secret too: stored with an empty password.
+        let (e, bare) = Entry::from_url("https://ghp_t0k@git.example.com/x.git").unwrap();
+        assert_eq!(bare, "https://git.example.com/x.git");
+        assert_eq!(e.line(), "https://ghp_t0k:@git.example.com/x.git");
+        assert!(Entry::from_url("ssh://git@git.example.com/x.git").is_none());
     }
 
     #[test]

@@ -29,6 +29,22 @@ pub fn tracking_ref(remote: &str, branch: &str) -> String {
     }
 }
 
+/// The shared repo's `branch` as its loose ref file says, read as data (no symlink, a few
+/// bytes): only to see whether it moved since root last fetched it. None: fetch to know.
+pub fn shared_tip(layout: &Layout, branch: &str) -> Option<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(layout.repo().join("refs/heads").join(branch))
+        .ok()?;
+    let mut text = String::new();
+    file.take(128).read_to_string(&mut text).ok()?;
+    let id = text.trim();
+    (id.len() == 40 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_owned())
+}
+
 /// A repository on this machine (a path or file:// URL): read with the admin group's rights.
 pub fn is_local(url: &str) -> bool {
     url.starts_with('/') || url.starts_with("file://")

@@ -64,6 +64,8 @@ pub struct Plan {
     /// Settings of the shared repo, and of root's own.
     config: Vec<(&'static str, String)>,
     node_config: Vec<(&'static str, String)>,
+    /// Local remotes root itself named (seed or flags), recorded in node.git's config.
+    node_remotes: Vec<(String, String)>,
     /// The shared repo's objects/info/alternates, to write.
     alternates: Option<String>,
     make_key: bool,
@@ -213,6 +215,7 @@ pub fn plan(layout: &Layout, req: &Request) -> Result<Plan, InitError> {
     let mut store = fs::read_to_string(layout.credentials()).unwrap_or_default();
     let old_store = store.clone();
     let mut remotes = Vec::new();
+    let mut node_remotes = Vec::new();
     for (name, given) in &seed.remotes {
         let url = match crate::credentials::Entry::from_url(given) {
             Some((entry, bare)) => {
@@ -223,6 +226,17 @@ pub fn plan(layout: &Layout, req: &Request) -> Result<Plan, InitError> {
         };
         // The same parser the fetch uses: a URL that cannot be fetched stops init here.
         crate::repo::check_url(name, &url)?;
+        // A local repository root names is read with root's rights; one a member names,
+        // with the admin group's only. Root's own list is in node.git's config.
+        if crate::fetch::is_local(&url)
+            && node_repo
+                .as_ref()
+                .and_then(|r| r.config_value(&format!("remote.{name}.url")))
+                .as_deref()
+                != Some(url.as_str())
+        {
+            node_remotes.push((name.clone(), url.clone()));
+        }
         let shown = crate::repo::redact_url(given);
         match current.iter().find(|(n, _)| n == name) {
             Some((_, u)) if *u == url => {}
@@ -392,6 +406,7 @@ pub fn plan(layout: &Layout, req: &Request) -> Result<Plan, InitError> {
         remotes,
         config,
         node_config,
+        node_remotes,
         alternates,
         make_key,
         files,
@@ -705,7 +720,7 @@ fn stage_and_commit(
         let dir = aside(layout.node_repo());
         let _ = fs::remove_dir_all(&dir.path);
         let mut repo = Repo::create(&dir.path)?;
-        repo.configure(&[], &node_config)?;
+        repo.configure(&plan.node_remotes, &node_config)?;
         // Root runs no hooks; an empty hooks directory says so to whoever looks.
         let hooks = dir.path.join("hooks");
         fs::remove_dir_all(&hooks).map_err(io_err(&hooks))?;
@@ -736,8 +751,8 @@ fn stage_and_commit(
     if let Some(mut dir) = new_node_repo {
         fs::rename(&dir.path, layout.node_repo()).map_err(io_err(&layout.node_repo()))?;
         dir.done = true;
-    } else if !node_config.is_empty() {
-        Repo::open(&layout.node_repo())?.configure(&[], &node_config)?;
+    } else if !node_config.is_empty() || !plan.node_remotes.is_empty() {
+        Repo::open(&layout.node_repo())?.configure(&plan.node_remotes, &node_config)?;
     }
     match new_repo {
         Some(mut dir) => {

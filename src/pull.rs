@@ -260,12 +260,19 @@ pub fn pull(
         return Err(PullError::NoRemotes(layout.repo().display().to_string()));
     }
     let branch_ref = format!("refs/heads/{}", settings.branch);
-    // What members pushed to the shared repo is fetched like one more remote, beside them.
+    // What members pushed to the shared repo is fetched like one more remote, beside them;
+    // unless its branch still names what root fetched from it last time (the usual poll).
+    let known = repo.ref_target(&fetch::tracking_ref(fetch::PUSHED, &settings.branch))?;
+    let unchanged = known.filter(|k| {
+        fetch::shared_tip(layout, &settings.branch).as_deref() == Some(k.to_string().as_str())
+    });
     let mut jobs = remotes.clone();
-    jobs.push((
-        fetch::PUSHED.to_owned(),
-        layout.repo().display().to_string(),
-    ));
+    if unchanged.is_none() {
+        jobs.push((
+            fetch::PUSHED.to_owned(),
+            layout.repo().display().to_string(),
+        ));
+    }
     let mut fetched = fetch::fetch_all(
         exe,
         layout.root(),
@@ -273,7 +280,10 @@ pub fn pull(
         &settings.branch,
         Duration::from_secs(settings.fetch_timeout),
     );
-    let pushed = fetched.pop().map(|f| f.fetched);
+    let pushed = match unchanged {
+        Some(tip) => Some(Fetched::Tip { tip }),
+        None => fetched.pop().map(|f| f.fetched),
+    };
 
     let start = repo.ref_target(&branch_ref)?;
     // A push applies at once (no rollout), with the same fast-forward and signature rules.

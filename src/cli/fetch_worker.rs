@@ -31,7 +31,13 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
         None => troops::credentials::lookup(&layout.credentials(), &url),
     };
     let tracking = fetch::tracking_ref(&args.remote, &args.branch);
-    let fetched = match fetch::is_local(&url) {
+    // A local repository is read with root's rights only when root named it (init records
+    // those in its own repo's config); the shared repo and members' local remotes are read
+    // with the admin group's rights.
+    let root_named = repo
+        .config_value(&format!("remote.{}.url", args.remote))
+        .is_some_and(|u| u == url);
+    let fetched = match fetch::is_local(&url) && !root_named {
         true => {
             let node = troops::node::Node::open(root)?;
             let group = &node.settings.admin_group;
