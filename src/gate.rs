@@ -6,7 +6,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::node::Node;
 use crate::repo::{CommitId, Repo, RepoError};
-use crate::rollout::{self, Step};
+use std::collections::BTreeMap;
+
+use crate::advance;
+use crate::rollout;
 use crate::settings::Verify;
 use crate::verify::{Verifier, VerifyError};
 
@@ -79,7 +82,7 @@ pub enum Rollout {
 }
 
 /// The newest commit between `local` (exclusive) and `target` that the node may take at
-/// `now`, and what holds back the one after it.
+/// `now`, and what holds it below `target` ([`crate::advance`] decides; this gathers).
 pub fn narrow(
     node: &Node,
     repo: &Repo,
@@ -88,73 +91,71 @@ pub fn narrow(
     now: i64,
     rollout: Rollout,
 ) -> Result<(Option<CommitId>, Option<Held>), GateError> {
-    let line = repo.first_parent_line(target, local)?;
-    let steps: Vec<Step<CommitId>> = line
-        .iter()
-        .map(|c| Step {
-            id: c.id,
-            time: c.time,
-            trailer: rollout::trailer(&c.message),
+    let line: Vec<CommitId> = repo
+        .first_parent_line(target, local)?
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    let graph: BTreeMap<CommitId, advance::Commit<CommitId>> = repo
+        .commit_graph(target, local)?
+        .into_iter()
+        .map(|c| {
+            let commit = advance::Commit {
+                parents: c.parents,
+                time: c.time,
+                trailer: rollout::trailer(&c.message),
+            };
+            (c.id, commit)
         })
         .collect();
-    let (take, hold) = match rollout {
-        Rollout::Applies => rollout::admit(&steps, bucket(node), now),
-        Rollout::Off => (line.last().map(|c| c.id), None),
+    let signatures = match node.settings.verify {
+        Verify::None => advance::Signatures::Off,
+        Verify::Tip => advance::Signatures::Tip,
+        Verify::All => advance::Signatures::All,
     };
-    let rollout_hold = hold.map(|h| Held {
-        kind: HoldKind::Rollout,
-        commit: h.commit,
-        reason: h.reason,
-        eligible_at: h.eligible_at,
-    });
-    let verify = node.settings.verify;
-    if verify == Verify::None {
-        return Ok((take, rollout_hold));
+    let rollout = rollout == Rollout::Applies && graph.values().any(|c| c.trailer.is_some());
+    if !rollout && signatures == advance::Signatures::Off {
+        return Ok((line.last().copied(), None));
     }
-
-    // Of the commits rollout admits, the newest that signatures allow: with `tip` the commit
-    // landed on must verify; with `all` every commit on the way must.
-    let admitted = take
-        .and_then(|t| line.iter().position(|c| c.id == t))
-        .map_or(0, |i| i + 1);
-    let verifier = verifier(node, Some(repo.path()))?;
-    let mut take = None;
-    let mut signature_hold: Option<Held> = None;
-    let mut prev = local;
-    for c in &line[..admitted] {
-        let to_check = match verify {
-            Verify::All => repo.commits_between(c.id, prev)?,
-            _ => vec![c.id],
+    let gates = advance::Gates {
+        bucket: bucket(node),
+        now,
+        rollout,
+        signatures,
+    };
+    let verifier = match signatures {
+        advance::Signatures::Off => None,
+        _ => Some(verifier(node, Some(repo.path()))?),
+    };
+    let mut failed = None;
+    let (take, hold) = advance::advance(&graph, &line, gates, &mut |id| {
+        let Some(v) = &verifier else {
+            return Ok(());
         };
-        let mut failure = None;
-        for id in to_check {
-            if let Err(why) = verifier.check(id)? {
-                failure = Some(why);
-                break;
+        match v.check(id) {
+            Ok(verdict) => verdict,
+            Err(e) => {
+                let why = e.to_string();
+                failed.get_or_insert(e);
+                Err(why)
             }
         }
-        prev = Some(c.id);
-        match failure {
-            None => {
-                take = Some(c.id);
-                signature_hold = None;
-            }
-            Some(why) => {
-                if signature_hold.is_none() {
-                    signature_hold = Some(Held {
-                        kind: HoldKind::Signature,
-                        commit: c.id,
-                        reason: why,
-                        eligible_at: None,
-                    });
-                }
-                if verify == Verify::All {
-                    break;
-                }
-            }
-        }
+    });
+    if let Some(e) = failed {
+        return Err(e.into());
     }
-    Ok((take, signature_hold.or(rollout_hold)))
+    Ok((
+        take,
+        hold.map(|h| Held {
+            kind: match h.gate {
+                advance::Gate::Rollout => HoldKind::Rollout,
+                advance::Gate::Signature => HoldKind::Signature,
+            },
+            commit: h.commit,
+            reason: h.reason,
+            eligible_at: h.eligible_at,
+        }),
+    ))
 }
 
 /// Why `head` may not be deployed now, if it may not: what `verify` requires of it and of

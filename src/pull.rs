@@ -105,12 +105,20 @@ impl PullOutcome {
                 ),
             );
         }
+        // A signature refusal leaves the node below what its remotes offer: exit 1 even
+        // when it moved (and deployed) part of the way. A rollout hold is normal: 0.
+        let refused = report
+            .held
+            .as_ref()
+            .filter(|h| h.kind == crate::gate::HoldKind::Signature);
         if let Some(run) = &self.run {
-            return run.verdict();
+            let (code, line) = run.verdict();
+            return match refused {
+                Some(h) if code == 0 => (1, format!("{line}; then stopped: {}", h.reason)),
+                _ => (code, line),
+            };
         }
-        if let Some(h) = &report.held
-            && h.kind == crate::gate::HoldKind::Signature
-        {
+        if let Some(h) = refused {
             return (1, h.reason.clone());
         }
         let at = report.from.map_or("nothing".into(), |c| c.short());

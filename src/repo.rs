@@ -15,6 +15,15 @@ use gix::refs::transaction::{Change, LogChange, PreviousValue, RefEdit, RefLog};
 use gix::remote::Direction;
 use thiserror::Error;
 
+/// One commit of [`Repo::commit_graph`].
+#[derive(Debug, Clone)]
+pub struct GraphCommit {
+    pub id: CommitId,
+    pub parents: Vec<CommitId>,
+    pub time: i64,
+    pub message: String,
+}
+
 /// The overflow uid Debian names `nobody`: local repositories are read as it.
 const NOBODY: u32 = 65534;
 
@@ -811,6 +820,36 @@ impl Repo {
             line.drain(..lo);
         }
         Ok(line)
+    }
+
+    /// Every commit reachable from `tip` but not from `stop`, with its parents, committer
+    /// time and message: the graph rollout and signature decisions are made over.
+    pub fn commit_graph(
+        &self,
+        tip: CommitId,
+        stop: Option<CommitId>,
+    ) -> Result<Vec<GraphCommit>, RepoError> {
+        let mut out = Vec::new();
+        for id in self.commits_between(tip, stop)? {
+            let commit = self
+                .repo
+                .find_commit(id.0)
+                .map_err(self.err(format!("find commit {id}")))?;
+            let time = commit
+                .time()
+                .map_err(self.err(format!("read the date of {id}")))?;
+            let message = commit
+                .message_raw()
+                .map_err(self.err(format!("read the message of {id}")))?
+                .to_string();
+            out.push(GraphCommit {
+                id,
+                parents: commit.parent_ids().map(|p| CommitId(p.detach())).collect(),
+                time: time.seconds,
+                message,
+            });
+        }
+        Ok(out)
     }
 
     /// Every commit reachable from `tip` but not from `stop`, merged side branches included.

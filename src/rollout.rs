@@ -5,10 +5,9 @@
 //! Troops-Rollout: 10%, 50% after 1h, 100% after 6h
 //! ```
 //!
-//! Each node has a stable bucket in [0, 100). The policy in force at a commit is the trailer
-//! of the newest commit carrying one on the way from the node's branch to it (no trailer:
-//! 100%); its times run from that commit's committer date. A node takes the newest commit whose
-//! policy admits its bucket. Everything here is pure: trailers, schedules, buckets, the choice.
+//! Each node has a stable bucket in [0, 100). Which trailers govern a commit, and so which
+//! commit a node takes, is decided in `advance` with the other gates. Everything here is
+//! pure: trailers, schedules, buckets.
 
 use std::time::Duration;
 
@@ -122,71 +121,6 @@ pub fn bucket(machine_id: &str) -> u8 {
     (n % 100) as u8
 }
 
-/// One commit on the way from the branch to the target, oldest first.
-#[derive(Debug, Clone)]
-pub struct Step<Id> {
-    pub id: Id,
-    /// Committer time, unix seconds.
-    pub time: i64,
-    pub trailer: Option<Result<Schedule, String>>,
-}
-
-/// Why the node stops short of a commit.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Hold<Id> {
-    /// The first commit the node may not take yet.
-    pub commit: Id,
-    pub reason: String,
-    /// Unix time when this node's bucket is admitted, if ever.
-    pub eligible_at: Option<i64>,
-}
-
-/// The newest commit of `line` (oldest first) whose policy admits `bucket` at `now`, and
-/// what holds the next one back.
-pub fn admit<Id: Copy>(line: &[Step<Id>], bucket: u8, now: i64) -> (Option<Id>, Option<Hold<Id>>) {
-    let mut policy: Option<(&Result<Schedule, String>, i64)> = None;
-    let mut take = None;
-    let mut hold = None;
-    for step in line {
-        if let Some(t) = &step.trailer {
-            policy = Some((t, step.time));
-        }
-        let verdict = match policy {
-            None => Ok(()),
-            Some((Err(e), _)) => Err((format!("malformed trailer: {e}"), None)),
-            Some((Ok(schedule), since)) => {
-                let elapsed = (now - since).max(0) as u64;
-                let pct = schedule.percent_at(elapsed);
-                if bucket < pct {
-                    Ok(())
-                } else {
-                    let at = schedule.admits_after(bucket).map(|s| since + s as i64);
-                    Err((
-                        format!("rolled out to {pct}% so far; this node's bucket is {bucket}"),
-                        at,
-                    ))
-                }
-            }
-        };
-        match verdict {
-            Ok(()) => {
-                take = Some(step.id);
-                hold = None;
-            }
-            Err((reason, eligible_at)) => {
-                if hold.is_none() {
-                    hold = Some(Hold {
-                        commit: step.id,
-                        reason,
-                        eligible_at,
-                    });
-                }
-            }
-        }
-    }
-    (take, hold)
-}
-
 pub fn human_delay(seconds: i64) -> String {
     humantime::format_duration(Duration::from_secs(seconds.max(0) as u64)).to_string()
 }
@@ -293,61 +227,5 @@ mod tests {
             bucket("abc"),
             "machine-id's newline does not move the bucket"
         );
-    }
-
-    fn step(id: u32, time: i64, trailer: Option<&str>) -> Step<u32> {
-        Step {
-            id,
-            time,
-            trailer: trailer.map(|t| Schedule::parse(t).map_err(|e| e.to_string())),
-        }
-    }
-
-    #[test]
-    fn the_newest_admitted_commit_and_no_sneaking_past_a_hold() {
-        let now = 10_000;
-        // 1: plain; 2: canary 10%; 3: plain (inherits 10%); 4: 100% finishes.
-        let line = [
-            step(1, 0, None),
-            step(2, 9_000, Some("10%")),
-            step(3, 9_500, None),
-        ];
-        let (take, hold) = admit(&line, 50, now);
-        assert_eq!(
-            take,
-            Some(1),
-            "a later untagged commit must not carry the held change"
-        );
-        assert_eq!(hold.as_ref().map(|h| h.commit), Some(2));
-        assert_eq!(hold.unwrap().eligible_at, None);
-        assert_eq!(admit(&line, 5, now).0, Some(3), "a canary takes everything");
-        let mut finished = line.to_vec();
-        finished.push(step(4, 9_800, Some("100%")));
-        assert_eq!(admit(&finished, 50, now), (Some(4), None));
-    }
-
-    #[test]
-    fn holds_say_when_and_malformed_trailers_hold_everyone() {
-        let line = [step(1, 1_000, Some("10%, 100% after 1h"))];
-        let (take, hold) = admit(&line, 50, 1_100);
-        assert_eq!(take, None);
-        assert_eq!(hold.unwrap().eligible_at, Some(4_600));
-        assert_eq!(
-            admit(&line, 50, 4_600).0,
-            Some(1),
-            "the clock passing admits it"
-        );
-        let bad = [Step {
-            id: 7,
-            time: 0,
-            trailer: Some(Err("typo".into())),
-        }];
-        for b in [0, 50, 99] {
-            let (take, hold) = admit(&bad, b, 1_000_000);
-            assert_eq!(take, None);
-            assert!(hold.unwrap().reason.contains("malformed"));
-        }
-        // 0% holds everyone, even a pinned canary.
-        assert_eq!(admit(&[step(1, 0, Some("0%"))], 0, 100).0, None);
     }
 }

@@ -7,6 +7,7 @@ mod api;
 mod bad_input;
 mod deploy;
 mod first_boot;
+mod gates;
 mod pull;
 mod push;
 mod rollout;

@@ -1,0 +1,200 @@
+//! Rollout and signatures together (issue: "a node never takes a commit the rollout did not
+//! admit for its bucket"): nodes pinned to buckets 5, 30 and 95, real SSH signing keys.
+
+use std::path::Path;
+
+use crate::signatures::{SshSigner, commit_ssh, ssh_signer};
+use crate::util::*;
+
+struct Fleet {
+    world: World,
+    remote: std::path::PathBuf,
+    up: Upstream,
+    ops: SshSigner,
+    nodes: Vec<(Node, u8)>,
+}
+
+/// Three nodes verifying as `verify` says, one base commit (signed) deployed on each.
+fn fleet(verify: &str) -> Fleet {
+    let world = World::new();
+    let remote = world.bare("origin");
+    let up = world.upstream("src");
+    let ops = ssh_signer(&world, "ops");
+    up.write("deploy.py", &simple_deploy("base"));
+    commit_ssh(&up, "base", Some(&ops.key));
+    up.push(&remote);
+    let seed = world.path("seed.json");
+    std::fs::write(
+        &seed,
+        format!(
+            r#"{{"troops": {{"remotes": {{"origin": "file://{}"}}, "verify": "{verify}", "allowed_signers": [{:?}]}}}}"#,
+            remote.display(),
+            ops.line
+        ),
+    )
+    .unwrap();
+    let nodes: Vec<(Node, u8)> = [5u8, 30, 95]
+        .into_iter()
+        .map(|b| {
+            let node = world.node(&format!("b{b}"));
+            node.troops(&[
+                "init",
+                "--no-pull",
+                "--group",
+                &node.group,
+                "--seed",
+                seed.to_str().unwrap(),
+            ])
+            .ok();
+            node.set("bucket", &b.to_string());
+            node.troops(&["pull"]).ok();
+            (node, b)
+        })
+        .collect();
+    Fleet {
+        world,
+        remote,
+        up,
+        ops,
+        nodes,
+    }
+}
+
+impl Fleet {
+    fn signed(&self, message: &str) -> String {
+        commit_ssh(&self.up, message, Some(&self.ops.key))
+    }
+    fn unsigned(&self, message: &str) -> String {
+        commit_ssh(&self.up, message, None)
+    }
+    fn tag(&self, tag: &str) {
+        self.up.write("deploy.py", &simple_deploy(tag));
+    }
+    fn push(&self) {
+        self.up.push(&self.remote);
+    }
+    /// Pull on every node; each one's deployed tag and exit code.
+    fn pull(&self) -> Vec<(u8, String, i32)> {
+        self.nodes
+            .iter()
+            .map(|(n, b)| {
+                let out = n.troops(&["pull"]);
+                (*b, n.read("out/tag").unwrap_or_default(), out.code)
+            })
+            .collect()
+    }
+}
+
+fn merge(up: &Upstream, side: &str, message: &str, signer: Option<&Path>) -> String {
+    let mut args = vec![
+        "-c".to_owned(),
+        "user.name=Ops".into(),
+        "-c".into(),
+        "user.email=ops@example.com".into(),
+    ];
+    if let Some(k) = signer {
+        args.extend([
+            "-c".into(),
+            "gpg.format=ssh".into(),
+            "-c".into(),
+            format!("user.signingkey={}", k.display()),
+        ]);
+    }
+    args.extend(["merge".into(), "-q".into(), "--no-ff".into(), "-m".into()]);
+    args.push(message.into());
+    if signer.is_some() {
+        args.push("-S".into());
+    }
+    args.push(side.into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    git(&up.dir, &args);
+    up.head()
+}
+
+#[test]
+fn under_all_a_canary_never_reaches_late_buckets_past_an_unsigned_commit() {
+    let f = fleet("all");
+    f.tag("canary");
+    f.signed("canary\n\nTroops-Rollout: 10%");
+    f.unsigned("unsigned in the middle");
+    f.tag("reverted");
+    f.signed("revert the canary\n\nTroops-Rollout: 100%");
+    f.push();
+    for (b, tag, code) in f.pull() {
+        let want = if b < 10 { "canary" } else { "base" };
+        assert_eq!(tag, want, "bucket {b}");
+        // Below the candidate because of a signature: exit 1, part-way or not.
+        assert_eq!(code, 1, "bucket {b}");
+    }
+}
+
+#[test]
+fn under_all_a_hold_after_a_canary_keeps_late_buckets_at_base() {
+    let f = fleet("all");
+    f.tag("canary");
+    f.signed("canary\n\nTroops-Rollout: 10%");
+    f.signed("hold\n\nTroops-Rollout: 0%");
+    f.push();
+    for (b, tag, _) in f.pull() {
+        let want = if b < 10 { "canary" } else { "base" };
+        assert_eq!(tag, want, "bucket {b}");
+    }
+    // A finish nobody signed: rollout admits it for everyone, signatures refuse it, and
+    // late buckets must not settle on the hold (which contains the canary) instead.
+    f.tag("finished");
+    f.unsigned("finish\n\nTroops-Rollout: 100%");
+    f.push();
+    for (b, tag, code) in f.pull() {
+        let want = if b < 10 { "canary" } else { "base" };
+        assert_eq!((tag.as_str(), code), (want, 1), "bucket {b}");
+    }
+}
+
+#[test]
+fn under_tip_a_signed_canary_under_an_unsigned_tip_stays_with_its_share() {
+    let f = fleet("tip");
+    f.tag("canary");
+    f.signed("canary\n\nTroops-Rollout: 10%");
+    f.tag("unsigned");
+    f.unsigned("everyone\n\nTroops-Rollout: 100%");
+    f.push();
+    for (b, tag, code) in f.pull() {
+        let want = if b < 10 { "canary" } else { "base" };
+        assert_eq!(tag, want, "bucket {b}");
+        assert_eq!(code, 1, "bucket {b}");
+    }
+}
+
+#[test]
+fn trailers_on_a_merged_side_branch_govern_the_merge() {
+    for (pct, admitted) in [("10%", 10u8), ("0%", 0)] {
+        let f = fleet("none");
+        git(&f.up.dir, &["checkout", "-q", "-b", "side"]);
+        f.tag("side");
+        f.signed(&format!("side\n\nTroops-Rollout: {pct}"));
+        git(&f.up.dir, &["checkout", "-q", "master"]);
+        merge(&f.up, "side", "Merge branch 'side'", None);
+        f.push();
+        for (b, tag, code) in f.pull() {
+            let want = if b < admitted { "side" } else { "base" };
+            assert_eq!(tag, want, "{pct}, bucket {b}");
+            assert_eq!(code, 0, "a rollout hold is not a failure");
+        }
+        // A merge carrying its own trailer supersedes what it merges.
+        git(&f.up.dir, &["checkout", "-q", "-b", "side2"]);
+        f.up.write("x.txt", "x");
+        f.signed("side2\n\nTroops-Rollout: 0%");
+        git(&f.up.dir, &["checkout", "-q", "master"]);
+        merge(
+            &f.up,
+            "side2",
+            "Merge side2 for everyone\n\nTroops-Rollout: 100%",
+            None,
+        );
+        f.push();
+        for (b, tag, _) in f.pull() {
+            assert_eq!(tag, "side", "{pct}, bucket {b}");
+        }
+        drop(f.world);
+    }
+}
