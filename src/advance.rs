@@ -21,10 +21,16 @@ use crate::rollout::Schedule;
 #[derive(Debug, Clone)]
 pub struct Commit<Id> {
     pub parents: Vec<Id>,
-    /// When its rollout clock starts, unix seconds.
+    /// Committer date, unix seconds.
     pub time: i64,
+    /// When this node first saw it, unix seconds, if recorded.
+    pub seen: Option<i64>,
     pub trailer: Option<Result<Schedule, String>>,
 }
+
+/// A committer date this far ahead of the node's clock is not believed: the commit is held
+/// until the clock catches up, and said so (a typo'd year would hold a ramp for years).
+pub const FUTURE_SLACK: i64 = 600;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Signatures {
@@ -174,8 +180,19 @@ fn admits<Id: Copy + Ord>(
                 refusals.push(format!("malformed trailer: {e}"));
                 eligible_at = None;
             }
+            Ok(_) if commit.time > now.saturating_add(FUTURE_SLACK) => {
+                refusals.push(format!(
+                    "its committer date is {}s in the future; held until the clock reaches it",
+                    commit.time - now
+                ));
+                let at = commit.time - FUTURE_SLACK;
+                eligible_at = eligible_at.map(|a| a.max(at));
+            }
             Ok(schedule) => {
-                let elapsed = u64::try_from(now.saturating_sub(commit.time)).unwrap_or(0);
+                // A ramp runs from when the commit was made or when this node first saw it,
+                // whichever is later: never shorter than written, however late it arrives.
+                let start = commit.seen.map_or(commit.time, |s| s.max(commit.time));
+                let elapsed = u64::try_from(now.saturating_sub(start)).unwrap_or(0);
                 let pct = schedule.percent_at(elapsed);
                 if bucket >= pct {
                     refusals.push(format!(
@@ -184,7 +201,7 @@ fn admits<Id: Copy + Ord>(
                     let at = schedule
                         .admits_after(bucket)
                         .and_then(|s| i64::try_from(s).ok())
-                        .and_then(|s| commit.time.checked_add(s));
+                        .and_then(|s| start.checked_add(s));
                     eligible_at = eligible_at.zip(at).map(|(a, b)| a.max(b));
                 }
             }
@@ -210,6 +227,7 @@ mod tests {
                     Commit {
                         parents: parents.to_vec(),
                         time: 1_000,
+                        seen: None,
                         trailer: trailer.map(Schedule::parse),
                     },
                 )
@@ -384,10 +402,40 @@ mod tests {
     }
 
     #[test]
+    fn a_ramp_runs_from_when_the_node_first_saw_the_commit() {
+        // Made at 1000 with "10%, 100% after 1h", first seen at 10000: still 10% at 10100.
+        let mut g = graph(&[(1, &[], Some("10%, 100% after 1h"))]);
+        g.get_mut(&1).unwrap().seen = Some(10_000);
+        let at = |now| Gates {
+            now,
+            ..gates(50, Signatures::Off)
+        };
+        let (take, hold) = run(&g, &[1], at(10_100), &[]);
+        assert_eq!(take, None);
+        assert_eq!(hold.unwrap().eligible_at, Some(13_600));
+        assert_eq!(run(&g, &[1], at(13_600), &[]).0, Some(1));
+    }
+
+    #[test]
+    fn a_commit_dated_in_the_future_is_held_and_said_so() {
+        let mut g = graph(&[(1, &[], Some("100%"))]);
+        g.get_mut(&1).unwrap().time = 1_000 + FUTURE_SLACK + 1;
+        let (take, hold) = run(&g, &[1], gates(5, Signatures::Off), &[]);
+        assert_eq!(take, None);
+        assert!(hold.unwrap().reason.contains("in the future"));
+        g.get_mut(&1).unwrap().time = 1_000 + FUTURE_SLACK;
+        assert_eq!(run(&g, &[1], gates(5, Signatures::Off), &[]).0, Some(1));
+    }
+
+    #[test]
     fn eligibility_never_overflows() {
         let mut g = graph(&[(1, &[], Some("10%, 100% after 10000000000000000000s"))]);
         g.get_mut(&1).unwrap().time = i64::MAX - 5;
-        let (take, hold) = run(&g, &[1], gates(50, Signatures::Off), &[]);
+        let late = Gates {
+            now: i64::MAX - 5,
+            ..gates(50, Signatures::Off)
+        };
+        let (take, hold) = run(&g, &[1], late, &[]);
         assert_eq!(take, None);
         assert_eq!(hold.unwrap().eligible_at, None);
     }

@@ -19,6 +19,11 @@ pub enum GateError {
     Repo(#[from] RepoError),
     #[error(transparent)]
     Verify(#[from] VerifyError),
+    #[error("failed to write {path}: {source}")]
+    State {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,6 +108,7 @@ pub fn narrow(
             let commit = advance::Commit {
                 parents: c.parents,
                 time: c.time,
+                seen: None,
                 trailer: rollout::trailer(&c.message),
             };
             (c.id, commit)
@@ -114,6 +120,10 @@ pub fn narrow(
         Verify::All => advance::Signatures::All,
     };
     let rollout = rollout == Rollout::Applies && graph.values().any(|c| c.trailer.is_some());
+    let mut graph = graph;
+    if rollout {
+        note_first_seen(node, &mut graph, now)?;
+    }
     if !rollout && signatures == advance::Signatures::Off {
         return Ok((line.last().copied(), None));
     }
@@ -156,6 +166,35 @@ pub fn narrow(
             eligible_at: h.eligible_at,
         }),
     ))
+}
+
+/// Fill in when this node first saw each trailer-carrying commit, recording the ones new to
+/// it at `now`. Kept in root's state dir (members cannot make a ramp shorter); only commits
+/// still ahead of the node are kept.
+fn note_first_seen(
+    node: &Node,
+    graph: &mut BTreeMap<CommitId, advance::Commit<CommitId>>,
+    now: i64,
+) -> Result<(), GateError> {
+    let path = node.layout.first_seen();
+    let old: BTreeMap<String, i64> = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let mut kept = BTreeMap::new();
+    for (id, c) in graph.iter_mut().filter(|(_, c)| c.trailer.is_some()) {
+        let seen = old.get(&id.to_string()).copied().unwrap_or(now);
+        c.seen = Some(seen);
+        kept.insert(id.to_string(), seen);
+    }
+    if kept != old {
+        let bytes = serde_json::to_vec_pretty(&kept).expect("a map serialises");
+        crate::fsutil::write_atomic(&path, &bytes, 0o640).map_err(|source| GateError::State {
+            path: path.display().to_string(),
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 /// Why `head` may not be deployed now, if it may not: what `verify` requires of it and of

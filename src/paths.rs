@@ -88,6 +88,10 @@ impl Layout {
     pub fn pull_report(&self) -> PathBuf {
         self.under("var/lib/troops/pull.json")
     }
+    /// When this node first saw each commit carrying a rollout trailer: ramps run from it.
+    pub fn first_seen(&self) -> PathBuf {
+        self.under("var/lib/troops/first-seen.json")
+    }
     /// Failed attempts at the current commit, for retry backoff.
     pub fn retry_state(&self) -> PathBuf {
         self.under("var/lib/troops/retry.json")

@@ -121,6 +121,22 @@ pub fn bucket(machine_id: &str) -> u8 {
     (n % 100) as u8
 }
 
+/// When a hold lifts, for people: `from <RFC 3339>`, or `never` past what a calendar date
+/// can show (year 9999; a schedule of `100% after 1000000y` or a commit dated year 10000).
+pub fn eligible_text(at: i64) -> String {
+    const LAST: i64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+    match u64::try_from(at) {
+        _ if at > LAST => "never".into(),
+        Ok(secs) => format!(
+            "from {}",
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs)
+            )
+        ),
+        Err(_) => "now".into(),
+    }
+}
+
 pub fn human_delay(seconds: i64) -> String {
     humantime::format_duration(Duration::from_secs(seconds.max(0) as u64)).to_string()
 }
@@ -227,5 +243,14 @@ mod tests {
             bucket("abc"),
             "machine-id's newline does not move the bucket"
         );
+    }
+
+    #[test]
+    fn eligibility_text_never_panics() {
+        assert_eq!(eligible_text(0), "from 1970-01-01T00:00:00Z");
+        assert_eq!(eligible_text(253_402_300_799), "from 9999-12-31T23:59:59Z");
+        assert_eq!(eligible_text(253_402_300_800), "never");
+        assert_eq!(eligible_text(i64::MAX), "never");
+        assert_eq!(eligible_text(-5), "now");
     }
 }

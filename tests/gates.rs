@@ -198,3 +198,83 @@ fn trailers_on_a_merged_side_branch_govern_the_merge() {
         drop(f.world);
     }
 }
+
+#[test]
+fn a_backdated_ramp_runs_from_when_the_node_first_saw_it() {
+    use crate::rollout::{commit_at, head_time};
+    let t = one_remote(&[]);
+    t.node.set("bucket", "95");
+    t.up.write("deploy.py", &simple_deploy("base"));
+    t.ship("base");
+    t.node.troops(&["pull"]).ok();
+    // Made on Friday, reviewed, pushed on Monday.
+    let now = head_time(&t.up);
+    let friday = now - 3 * 86_400;
+    t.up.write("deploy.py", &simple_deploy("ramped"));
+    commit_at(
+        &t.up,
+        "Ramp\n\nTroops-Rollout: 10%, 100% after 6h",
+        Some(&format!("@{friday} +0000")),
+    );
+    t.up.push(&t.remote);
+    let at = |secs: i64| {
+        t.node
+            .troops(&["--now", &(now + secs).to_string(), "pull"])
+            .ok()
+    };
+    at(0);
+    assert_eq!(
+        t.node.read("out/tag").as_deref(),
+        Some("base"),
+        "not 100% at once"
+    );
+    let human = t.node.troops(&["status"]).ok().stdout;
+    let eligible = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs((now + 6 * 3600) as u64),
+    );
+    assert!(
+        human.contains(&format!("eligible from {eligible}")),
+        "{human}"
+    );
+    at(6 * 3600 - 60);
+    assert_eq!(t.node.read("out/tag").as_deref(), Some("base"));
+    at(6 * 3600);
+    assert_eq!(t.node.read("out/tag").as_deref(), Some("ramped"));
+}
+
+#[test]
+fn a_commit_dated_in_the_future_is_held_and_status_never_panics() {
+    use crate::rollout::commit_at;
+    let t = one_remote(&[]);
+    t.node.set("bucket", "5");
+    t.up.write("deploy.py", &simple_deploy("base"));
+    t.ship("base");
+    t.node.troops(&["pull"]).ok();
+    t.up.write("deploy.py", &simple_deploy("future"));
+    commit_at(
+        &t.up,
+        "From the future\n\nTroops-Rollout: 100%",
+        Some("2035-01-01T00:00:00Z"),
+    );
+    t.up.push(&t.remote);
+    t.node.troops(&["pull"]).ok();
+    assert_eq!(t.node.read("out/tag").as_deref(), Some("base"));
+    let human = t.node.troops(&["status"]).ok().stdout;
+    assert!(human.contains("in the future"), "{human}");
+
+    // A ramp longer than a calendar can show: "never", not a panic.
+    let t = one_remote(&[]);
+    t.node.set("bucket", "95");
+    t.up.write("deploy.py", &simple_deploy("base"));
+    t.ship("base");
+    t.node.troops(&["pull"]).ok();
+    commit_at(
+        &t.up,
+        "Slow\n\nTroops-Rollout: 10%, 100% after 1000000y",
+        None,
+    );
+    t.up.push(&t.remote);
+    t.node.troops(&["pull"]).ok();
+    let human = t.node.troops(&["status"]).ok().stdout;
+    assert!(human.contains("eligible never"), "{human}");
+}

@@ -6,7 +6,7 @@ use std::process::Command;
 use crate::util::*;
 
 /// Commit with a message (and trailer), dated `date` if given (git's date formats).
-fn commit_at(up: &Upstream, message: &str, date: Option<&str>) -> String {
+pub(crate) fn commit_at(up: &Upstream, message: &str, date: Option<&str>) -> String {
     let mut cmd = Command::new("git");
     cmd.arg("-C").arg(&up.dir).args([
         "-c",
@@ -27,7 +27,7 @@ fn commit_at(up: &Upstream, message: &str, date: Option<&str>) -> String {
     up.head()
 }
 
-fn head_time(up: &Upstream) -> i64 {
+pub(crate) fn head_time(up: &Upstream) -> i64 {
     git(&up.dir, &["log", "-1", "--format=%ct"])
         .parse()
         .unwrap()
@@ -133,7 +133,8 @@ fn a_schedule_advances_as_the_clock_passes() {
             .troops(&["--now", &(since + secs).to_string(), "pull"])
             .ok()
     };
-    at(60);
+    // The node sees it the moment it is made: the ramp runs from the commit's date.
+    at(0);
     assert_ne!(t.node.deployed().as_ref(), Some(&ramped));
     let human = t.node.troops(&["status"]).ok().stdout;
     let eligible = humantime::format_rfc3339_seconds(

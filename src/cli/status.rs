@@ -80,11 +80,7 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
             println!("bucket    {} (rollout)", p.bucket);
             if let Some(h) = &p.held {
                 let when = match h.eligible_at {
-                    Some(at) => {
-                        let at = std::time::UNIX_EPOCH
-                            + std::time::Duration::from_secs(at.max(0) as u64);
-                        format!("; eligible from {}", humantime::format_rfc3339_seconds(at))
-                    }
+                    Some(at) => format!("; eligible {}", troops::rollout::eligible_text(at)),
                     None => String::new(),
                 };
                 println!("held      {}: {}{when}", h.commit.short(), h.reason);
