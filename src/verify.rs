@@ -116,29 +116,7 @@ impl Verifier {
         if out.status.success() {
             return Ok(Ok(()));
         }
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let lines: Vec<&str> = stderr
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .collect();
-        let why = if lines.is_empty() {
-            "it is not signed".to_string()
-        } else if lines.iter().any(|l| {
-            l.contains("No principal matched")
-                || l.contains("NO_PUBKEY")
-                || l.contains("No public key")
-        }) {
-            "it is signed by a key that is not trusted here".to_string()
-        } else if lines.iter().any(|l| {
-            l.contains("BADSIG")
-                || l.contains("Signature verification failed")
-                || l.contains("incorrect signature")
-        }) {
-            "its signature is bad (the commit was changed after signing)".to_string()
-        } else {
-            format!("its signature does not verify: {}", lines.join("; "))
-        };
+        let why = refusal_reason(&String::from_utf8_lossy(&out.stderr));
         Ok(Err(format!("commit {} was refused: {why}", commit.short())))
     }
 
@@ -168,5 +146,130 @@ impl Verifier {
             .lines()
             .filter_map(|l| l.parse().ok())
             .collect())
+    }
+}
+
+/// One line a person reads from what `git verify-commit --raw` said: GnuPG's status lines
+/// and ssh-keygen's messages, never passed on raw.
+pub fn refusal_reason(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let status = |word: &str| {
+        lines.iter().find_map(|l| {
+            let rest = l.strip_prefix("[GNUPG:] ")?;
+            let (w, args) = rest.split_once(' ').unwrap_or((rest, ""));
+            (w == word).then_some(args)
+        })
+    };
+    let first_arg = |args: &str| args.split_whitespace().next().unwrap_or("").to_owned();
+    let day = |unix: &str| {
+        unix.parse::<u64>()
+            .ok()
+            .map(|s| {
+                let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(s);
+                humantime::format_rfc3339_seconds(t).to_string()[..10].to_owned()
+            })
+            .unwrap_or_else(|| unix.to_owned())
+    };
+    if lines.is_empty() {
+        return "it is not signed".into();
+    }
+    if lines
+        .iter()
+        .filter(|l| **l == "[GNUPG:] NEWSIG" || l.starts_with("[GNUPG:] NEWSIG "))
+        .count()
+        > 1
+    {
+        return "it carries more than one signature".into();
+    }
+    if let Some(args) = status("REVKEYSIG") {
+        return format!("signed by a revoked key ({})", first_arg(args));
+    }
+    if let Some(args) = status("EXPKEYSIG") {
+        let when =
+            status("KEYEXPIRED").map(|t| format!(", expired {}", day(first_arg(t).as_str())));
+        return format!(
+            "signed by an expired key ({}{})",
+            first_arg(args),
+            when.unwrap_or_default()
+        );
+    }
+    // ssh-keygen: "key has expired: verify time X > valid-before Y" (or not yet valid).
+    if let Some(l) = lines
+        .iter()
+        .find(|l| l.contains("valid-before ") || l.contains("valid-after "))
+    {
+        let bound = l
+            .rsplit_once(" valid-")
+            .map(|(_, b)| {
+                format!(
+                    "valid-{}",
+                    b.get(..b.find('T').unwrap_or(b.len())).unwrap_or(b)
+                )
+            })
+            .unwrap_or_default();
+        return format!("SSH key not valid at the commit's date ({bound})");
+    }
+    if lines.iter().any(|l| {
+        l.contains("No principal matched") || l.contains("NO_PUBKEY") || l.contains("No public key")
+    }) {
+        return "it is signed by a key that is not trusted here".into();
+    }
+    if lines.iter().any(|l| {
+        l.contains("BADSIG")
+            || l.contains("Signature verification failed")
+            || l.contains("incorrect signature")
+    }) {
+        return "its signature is bad (the commit was changed after signing)".into();
+    }
+    // Something else: the human lines only, never GnuPG's machine status lines.
+    let human: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| !l.starts_with("[GNUPG:]"))
+        .collect();
+    match human.is_empty() {
+        true => "its signature does not verify".into(),
+        false => format!("its signature does not verify: {}", human.join("; ")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_a_person_reads() {
+        let expired = "[GNUPG:] NEWSIG\n[GNUPG:] KEYEXPIRED 1714521600\n[GNUPG:] KEY_CONSIDERED ABCD 0\n[GNUPG:] EXPKEYSIG 0123456789ABCDEF Ops <ops@example.com>\n[GNUPG:] VALIDSIG ...\n";
+        assert_eq!(
+            refusal_reason(expired),
+            "signed by an expired key (0123456789ABCDEF, expired 2024-05-01)"
+        );
+        let revoked =
+            "[GNUPG:] NEWSIG\n[GNUPG:] REVKEYSIG 0123456789ABCDEF Ops <ops@example.com>\n";
+        assert_eq!(
+            refusal_reason(revoked),
+            "signed by a revoked key (0123456789ABCDEF)"
+        );
+        let two = "[GNUPG:] NEWSIG\n[GNUPG:] GOODSIG A x\n[GNUPG:] NEWSIG\n[GNUPG:] GOODSIG B y\n";
+        assert_eq!(refusal_reason(two), "it carries more than one signature");
+        let ssh = "Good \"git\" signature with ED25519 key SHA256:x\n/etc/troops/allowed_signers:1: key has expired: verify time 2026-12-02T12:11:15 > valid-before 2026-01-01T00:00:00\nNo principal matched.\n";
+        assert_eq!(
+            refusal_reason(ssh),
+            "SSH key not valid at the commit's date (valid-before 2026-01-01)"
+        );
+        assert_eq!(refusal_reason(""), "it is not signed");
+        assert_eq!(
+            refusal_reason("[GNUPG:] ERRSIG A 1 8 00 1 9 -\n[GNUPG:] NO_PUBKEY A\n"),
+            "it is signed by a key that is not trusted here"
+        );
+        let odd = "[GNUPG:] NEWSIG\n[GNUPG:] FAILURE x 1\ngpg: something odd\n";
+        assert_eq!(
+            refusal_reason(odd),
+            "its signature does not verify: gpg: something odd"
+        );
     }
 }

@@ -278,3 +278,142 @@ fn a_commit_dated_in_the_future_is_held_and_status_never_panics() {
     let human = t.node.troops(&["status"]).ok().stdout;
     assert!(human.contains("eligible never"), "{human}");
 }
+
+/// A GnuPG signing key made as if at `faked` (gpg's own clock option), expiring as `expire`
+/// says; and a gpg wrapper that signs at that time.
+fn gpg_key(
+    world: &World,
+    name: &str,
+    expire: &str,
+    faked: &str,
+) -> (std::path::PathBuf, String, std::path::PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::Command;
+    let home = world.path(&format!("gnupg-{name}"));
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let wrapper = world.path(&format!("gpg-{name}"));
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\nexec gpg --faked-system-time {faked} \"$@\"\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let made = Command::new(&wrapper)
+        .env("GNUPGHOME", &home)
+        .args(["--batch", "--passphrase", "", "--quick-gen-key"])
+        .arg(format!("{name} <{name}@example.com>"))
+        .args(["ed25519", "sign", expire])
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let list = Command::new("gpg")
+        .env("GNUPGHOME", &home)
+        .args(["--batch", "--with-colons", "--list-secret-keys"])
+        .output()
+        .unwrap();
+    let fpr = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .find(|l| l.starts_with("fpr:"))
+        .and_then(|l| l.split(':').nth(9))
+        .unwrap()
+        .to_owned();
+    (home, fpr, wrapper)
+}
+
+#[test]
+fn refusals_say_which_key_problem_in_one_line() {
+    use std::process::Command;
+    // SSH: a key whose allowed_signers line ended before the commit's date.
+    let t = one_remote(&[]);
+    let ops = ssh_signer(&t.world, "ops");
+    let mut parts = ops.line.splitn(2, ' ');
+    let line = format!(
+        "{} valid-before=\"20200101\" {}",
+        parts.next().unwrap(),
+        parts.next().unwrap()
+    );
+    crate::signatures::node_verifying(&t, "all", &[&line]);
+    t.up.write("deploy.py", &simple_deploy("late"));
+    commit_ssh(&t.up, "signed too late", Some(&ops.key));
+    t.up.push(&t.remote);
+    let out = t.node.troops(&["pull"]).failed();
+    assert!(
+        out.stderr
+            .contains("SSH key not valid at the commit's date (valid-before 2020-01-01)"),
+        "{}",
+        out.stderr
+    );
+
+    // GnuPG: a signature made in 2020 by a key that expired a day later; a revoked key.
+    for case in ["expired", "revoked"] {
+        let t = one_remote(&[]);
+        let (home, fpr, wrapper) = gpg_key(
+            &t.world,
+            case,
+            if case == "expired" { "1d" } else { "never" },
+            "20200101T000000",
+        );
+        t.up.write("deploy.py", &simple_deploy(case));
+        git(&t.up.dir, &["add", "-A"]);
+        let signed = Command::new("git")
+            .arg("-C")
+            .arg(&t.up.dir)
+            .args(["-c", "user.name=Ops", "-c", "user.email=ops@example.com"])
+            .arg("-c")
+            .arg(format!("gpg.program={}", wrapper.display()))
+            .arg("-c")
+            .arg(format!("user.signingkey={fpr}"))
+            .args(["commit", "-q", "-S", "-m", case])
+            .env("GNUPGHOME", &home)
+            .env("GIT_COMMITTER_DATE", "2020-01-01T00:00:10Z")
+            .output()
+            .unwrap();
+        assert!(
+            signed.status.success(),
+            "{}",
+            String::from_utf8_lossy(&signed.stderr)
+        );
+        t.up.push(&t.remote);
+        if case == "revoked" {
+            let cert = home.join(format!("openpgp-revocs.d/{fpr}.rev"));
+            let text = std::fs::read_to_string(&cert).unwrap().replace(
+                ":-----BEGIN PGP PUBLIC KEY BLOCK-----",
+                "-----BEGIN PGP PUBLIC KEY BLOCK-----",
+            );
+            std::fs::write(&cert, text).unwrap();
+            let imported = Command::new(&wrapper)
+                .env("GNUPGHOME", &home)
+                .args(["--batch", "--import"])
+                .arg(&cert)
+                .output()
+                .unwrap();
+            assert!(
+                imported.status.success(),
+                "{}",
+                String::from_utf8_lossy(&imported.stderr)
+            );
+        }
+        let export = Command::new("gpg")
+            .env("GNUPGHOME", &home)
+            .args(["--batch", "--export", &fpr])
+            .output()
+            .unwrap();
+        crate::signatures::node_verifying(&t, "all", &[]);
+        std::fs::write(t.node.path("etc/troops/trustedkeys.gpg"), export.stdout).unwrap();
+        let out = t.node.troops(&["pull"]).failed();
+        let want = match case {
+            "expired" => "signed by an expired key (".to_owned(),
+            _ => "signed by a revoked key (".to_owned(),
+        };
+        assert!(out.stderr.contains(&want), "{case}: {}", out.stderr);
+        assert!(!out.stderr.contains("[GNUPG:]"), "{}", out.stderr);
+        if case == "expired" {
+            assert!(out.stderr.contains("expired 2020-01-02"), "{}", out.stderr);
+        }
+    }
+}
