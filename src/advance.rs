@@ -198,10 +198,10 @@ fn admits<Id: Copy + Ord>(
                     refusals.push(format!(
                         "rolled out to {pct}% so far; this node's bucket is {bucket}"
                     ));
+                    // Beyond what i64 holds is as good as never, and shown so.
                     let at = schedule
                         .admits_after(bucket)
-                        .and_then(|s| i64::try_from(s).ok())
-                        .and_then(|s| start.checked_add(s));
+                        .map(|s| start.saturating_add(i64::try_from(s).unwrap_or(i64::MAX)));
                     eligible_at = eligible_at.zip(at).map(|(a, b)| a.max(b));
                 }
             }
@@ -437,7 +437,7 @@ mod tests {
         };
         let (take, hold) = run(&g, &[1], late, &[]);
         assert_eq!(take, None);
-        assert_eq!(hold.unwrap().eligible_at, None);
+        assert_eq!(hold.unwrap().eligible_at, Some(i64::MAX));
     }
 
     #[test]
