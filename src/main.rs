@@ -76,6 +76,19 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `troops status | head -1`: a reader that went away ends a report quietly, as for any
+    // Unix tool (Rust ignores SIGPIPE, and println! would panic). Only the commands that
+    // just report: a pull or deploy must never die half-way because its reader left, and
+    // the daemon must lose one client, not its life.
+    if matches!(
+        cli.command,
+        Command::Status(_) | Command::Log(_) | Command::Key | Command::Assets(_)
+    ) {
+        // SAFETY: setting a signal disposition before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     init_logging(cli.verbose);
     match run(&cli) {
         Ok(code) => ExitCode::from(code),

@@ -71,7 +71,14 @@ pub struct PullReport {
     /// Why a pending deploy was not attempted this time.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waiting: Option<String>,
+    /// What this pull repaired before it began (stale locks), for status and the journal.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repaired: Vec<String>,
 }
+
+/// A git lock file this old, found while troops holds the node lock, is left by a process
+/// that died: nothing else writes root's repository.
+const STALE_LOCK: Duration = Duration::from_secs(600);
 
 impl PullReport {
     pub fn load(path: &Path) -> Option<PullReport> {
@@ -212,13 +219,15 @@ fn fast_forward(
     Ok(())
 }
 
-/// Take what was just pushed, then deploy the branch head: the daemon's answer to a push.
+/// Take what was just pushed, then deploy the branch head: the daemon's answer to a push,
+/// as an exit code and a summary. A head that a pull deployed while the push waited for the
+/// lock is not deployed again (`troops deploy`, asked explicitly, still would).
 pub fn take_push_and_deploy(
     node: &Node,
     exe: &Path,
     trigger: &str,
     out: &mut dyn Output,
-) -> anyhow::Result<RunRecord> {
+) -> anyhow::Result<(u8, String)> {
     let layout = &node.layout;
     let repo = Repo::open(&layout.node_repo())?;
     let jobs = [(
@@ -235,11 +244,22 @@ pub fn take_push_and_deploy(
     let local = repo.ref_target(&format!("refs/heads/{}", node.settings.branch))?;
     let pushed = fetched.pop().map(|f| f.fetched);
     let now = backoff::unix_now() as i64;
-    let (_, held) = take_pushed(node, &repo, local, pushed, now)?;
+    let (head, held) = take_pushed(node, &repo, local, pushed, now)?;
     if let Some(h) = held {
         anyhow::bail!("{}", h.reason);
     }
-    deploy_head(node, trigger, out)
+    if let Some(head) = head
+        && repo.ref_target(DEPLOYED_REF)? == Some(head)
+    {
+        let store = deploy::record::RunStore::new(layout.runs());
+        let by = store
+            .list()
+            .into_iter()
+            .find(|r| r.commit == head && r.result == deploy::record::Outcome::Success)
+            .map_or(String::new(), |r| format!(" by run {}", r.id));
+        return Ok((0, format!("{} already deployed{by}", head.short())));
+    }
+    Ok(deploy_head(node, trigger, out)?.verdict())
 }
 
 fn save_json<T: Serialize>(path: &Path, value: &T) -> Result<(), PullError> {
@@ -268,6 +288,15 @@ pub fn pull(
         return Err(PullError::NoRemotes(layout.repo().display().to_string()));
     }
     let branch_ref = format!("refs/heads/{}", settings.branch);
+    let repaired: Vec<String> = repo
+        .remove_stale_locks(STALE_LOCK)
+        .into_iter()
+        .map(|p| {
+            let what = format!("removed a stale git lock, {p}, left by an interrupted run");
+            tracing::warn!("{what}");
+            what
+        })
+        .collect();
     // What members pushed to the shared repo is fetched like one more remote, beside them;
     // unless its branch still names what root fetched from it last time (the usual poll).
     let known = repo.ref_target(&fetch::tracking_ref(fetch::PUSHED, &settings.branch))?;
@@ -412,6 +441,7 @@ pub fn pull(
         held,
         disagree: decision.disagree.clone(),
         waiting: None,
+        repaired,
     };
 
     let head = repo.ref_target(&branch_ref)?;
@@ -483,6 +513,9 @@ pub struct NothingToDeploy(pub String);
 pub fn deploy_head(node: &Node, trigger: &str, out: &mut dyn Output) -> anyhow::Result<RunRecord> {
     let layout = &node.layout;
     let repo = Repo::open(&layout.node_repo())?;
+    for p in repo.remove_stale_locks(STALE_LOCK) {
+        tracing::warn!("removed a stale git lock, {p}, left by an interrupted run");
+    }
     let branch = &node.settings.branch;
     let head = repo
         .ref_target(&format!("refs/heads/{branch}"))?

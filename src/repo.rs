@@ -590,6 +590,52 @@ impl Repo {
             .map(|id| CommitId(id.to_owned())))
     }
 
+    /// Remove git lock files (`*.lock`: refs, packed-refs, HEAD, config) older than
+    /// `older_than`, which a process killed mid-write left: git never removes them itself,
+    /// and each one makes every later update of that ref fail. Call with the node lock held
+    /// (then nothing else writes here). The paths removed, relative to the repo.
+    pub fn remove_stale_locks(&self, older_than: std::time::Duration) -> Vec<String> {
+        let mut removed = Vec::new();
+        let mut stack = vec![self.path.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let Ok(meta) = entry.metadata() else {
+                    continue;
+                };
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if meta.is_dir() {
+                    if dir == self.path && name == "objects" {
+                        continue;
+                    }
+                    stack.push(path);
+                    continue;
+                }
+                // troops-fetch.lock is troops' own flock file, never a stale git lock.
+                let stale = meta
+                    .modified()
+                    .ok()
+                    .and_then(|m| m.elapsed().ok())
+                    .is_some_and(|age| age >= older_than);
+                if name.ends_with(".lock")
+                    && name != "troops-fetch.lock"
+                    && meta.is_file()
+                    && stale
+                    && std::fs::remove_file(&path).is_ok()
+                {
+                    let rel = path.strip_prefix(&self.path).unwrap_or(&path);
+                    removed.push(rel.display().to_string());
+                }
+            }
+        }
+        removed.sort();
+        removed
+    }
+
     /// Fetch `branch` from the local repository at `url` (a path or file:// URL) into
     /// `tracking`, reading it with the admin group's rights only: git's upload-pack runs as
     /// the unprivileged `nobody` with `gid` as its one group. A repository members can write

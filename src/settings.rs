@@ -177,13 +177,16 @@ impl Settings {
         if !self.python.is_absolute() {
             return value("python", "an absolute path");
         }
-        if self.fetch_timeout == 0 {
-            return value("fetch_timeout", "at least 1 (seconds)");
+        // Upper bounds too: every duration here is added to a clock somewhere, and a value
+        // nobody means (9223372036854775807) must be an error naming the key, not a panic.
+        const DAY: u64 = 86_400;
+        if !(1..=DAY).contains(&self.fetch_timeout) {
+            return value("fetch_timeout", "from 1 to 86400 (seconds)");
         }
-        if self.retry_min == 0 || self.retry_max < self.retry_min {
+        if self.retry_min == 0 || self.retry_max < self.retry_min || self.retry_max > 30 * DAY {
             return value(
                 "retry_min/retry_max",
-                "1 <= retry_min <= retry_max (seconds)",
+                "1 <= retry_min <= retry_max <= 2592000 (seconds)",
             );
         }
         if let Some(url) = &self.imds
@@ -194,14 +197,17 @@ impl Settings {
         if self.bucket.is_some_and(|b| b >= 100) {
             return value("bucket", "a whole number from 0 to 99");
         }
-        if self.interval < 10 {
-            return value("interval", "at least 10 (seconds)");
+        if !(10..=7 * DAY).contains(&self.interval) {
+            return value("interval", "from 10 to 604800 (seconds)");
         }
-        if self.keepalive == 0 {
-            return value("keepalive", "at least 1 (seconds)");
+        if !(1..=3600).contains(&self.keepalive) {
+            return value("keepalive", "from 1 to 3600 (seconds)");
         }
-        if self.keep_runs == 0 {
-            return value("keep_runs", "at least 1");
+        if !(1..=100_000).contains(&self.keep_runs) {
+            return value("keep_runs", "from 1 to 100000");
+        }
+        if self.imds_deadline > DAY {
+            return value("imds_deadline", "at most 86400 (seconds)");
         }
         Ok(())
     }
@@ -288,6 +294,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("invalid role name"), "{e}");
+        for huge in [
+            "fetch_timeout = 9223372036854775807\n",
+            "retry_max = 99999999999\n",
+            "interval = 18446744073709551615\n",
+        ] {
+            let key = huge.split(' ').next().unwrap();
+            let e = Settings::parse(huge, p).unwrap_err().to_string();
+            assert!(e.contains(key.split('_').next().unwrap()), "{huge}: {e}");
+        }
         let e = Settings::parse("fetch_timeout = 0\n", p)
             .unwrap_err()
             .to_string();

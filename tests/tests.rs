@@ -6,6 +6,7 @@ mod util;
 mod api;
 mod bad_input;
 mod deploy;
+mod faults;
 mod first_boot;
 mod gates;
 mod pull;

@@ -1,3 +1,4 @@
+use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -23,12 +24,15 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
             println!("{}", serde_json::to_string_pretty(&record)?);
             return Ok(0);
         }
-        let text = std::fs::read_to_string(&record.output)
+        let file = std::fs::File::open(&record.output)
             .with_context(|| format!("failed to read {}", record.output.display()))?;
-        // Logs written before output was escaped at capture may still hold raw escapes.
-        for line in text.lines() {
-            println!("{}", troops::deploy::runner::escape_controls(line));
-        }
+        // Streamed, a bounded piece at a time: a log of any size costs little memory. Logs
+        // written before output was escaped at capture may still hold raw escapes.
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        troops::deploy::runner::for_each_line(file, &mut |line| {
+            let _ = writeln!(out, "{}", troops::deploy::runner::escape_controls(line));
+        })
+        .with_context(|| format!("failed to read {}", record.output.display()))?;
         return Ok(0);
     }
     let runs = store.list();

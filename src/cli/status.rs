@@ -88,6 +88,9 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
             if let Some(w) = &p.waiting {
                 println!("waiting   {w}");
             }
+            for r in &p.repaired {
+                println!("repaired  {r}");
+            }
         }
     }
     Ok(0)

@@ -247,7 +247,6 @@ fn run_request(stream: UnixStream, node: Node, request: Request, user: &str, exe
                     &format!("push by {user}"),
                     &mut out,
                 )
-                .map(|run| run.verdict())
                 .map_err(|e| format!("{e:#}")),
                 Request::Pull => crate::pull::pull(
                     &node,

@@ -315,7 +315,26 @@ fn deploy_checkout(
 /// needs; the whole output is in the run log.
 fn with_last(message: String, log: &RunLog<'_>) -> String {
     match &log.last {
-        Some(last) => format!("{message}: {last}"),
+        Some(last) => format!("{message}: {}", quote(last)),
         None => message,
     }
 }
+
+/// At most [`QUOTE_MAX`] bytes of `line` (cut at a character boundary, marked `...`): a
+/// summary and a record stay one short line whatever deploy.py printed.
+fn quote(line: &str) -> String {
+    if line.len() <= QUOTE_MAX {
+        return line.to_owned();
+    }
+    let mut end = QUOTE_MAX;
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{}... ({} bytes in all; see the run log)",
+        &line[..end],
+        line.len()
+    )
+}
+
+const QUOTE_MAX: usize = 300;

@@ -86,6 +86,9 @@ impl RunRecord {
     }
 }
 
+/// The largest run id troops counts with (2^53 - 1, exact in JSON readers too).
+pub const MAX_ID: u64 = (1 << 53) - 1;
+
 pub struct RunStore {
     dir: PathBuf,
 }
@@ -109,6 +112,9 @@ impl RunStore {
             .flatten()
             .flatten()
             .filter_map(|e| e.file_name().to_str()?.strip_suffix(".json")?.parse().ok())
+            // Past this no node gets (a run a second for 285 million years): a file named
+            // 18446744073709551615.json is not ours, and must not make the next run wrap.
+            .filter(|id| *id <= MAX_ID)
             .collect();
         ids.sort_unstable();
         ids
@@ -122,7 +128,7 @@ impl RunStore {
     pub fn save(&self, record: &RunRecord) -> std::io::Result<()> {
         fsutil::create_dirs(&self.dir, 0o755)?;
         let json = serde_json::to_vec_pretty(record).expect("run records serialise");
-        fsutil::write_atomic(&self.record_path(record.id), &json, 0o644)
+        fsutil::write_atomic(&self.record_path(record.id), &json, 0o640)
     }
 
     pub fn load(&self, id: u64) -> std::io::Result<RunRecord> {
@@ -178,5 +184,20 @@ impl RunStore {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_foreign_huge_id_never_makes_the_counter_wrap() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RunStore::new(dir.path());
+        assert_eq!(store.next_id(), 1);
+        std::fs::write(dir.path().join("7.json"), "{}").unwrap();
+        std::fs::write(dir.path().join("18446744073709551615.json"), "{}").unwrap();
+        assert_eq!(store.next_id(), 8);
     }
 }

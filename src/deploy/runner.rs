@@ -87,17 +87,55 @@ pub fn run(inv: &Invocation, on_line: &mut dyn FnMut(&str)) -> io::Result<ExitSt
     let mut child = cmd.spawn()?;
     // The parent's copies of the write end must be gone, or the read below never ends.
     drop(cmd);
-    let mut reader = BufReader::new(reader);
-    let mut buf = Vec::new();
-    loop {
-        buf.clear();
-        if reader.read_until(b'\n', &mut buf)? == 0 {
-            break;
-        }
-        let line = String::from_utf8_lossy(&buf);
-        on_line(&relay_line(line.trim_end_matches(['\n', '\r'])));
-    }
+    for_each_line(reader, &mut |line| on_line(&relay_line(line)))?;
     child.wait()
+}
+
+/// The longest line kept whole: a longer one is passed on in pieces of this size, so that
+/// output without newlines (a 3 GB line) never has to fit in memory.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// Hand each line of `input` (without its newline, lossily decoded) to `on_line`, a line
+/// longer than [`MAX_LINE`] as several pieces. Memory stays bounded whatever comes in.
+pub fn for_each_line(input: impl io::Read, on_line: &mut dyn FnMut(&str)) -> io::Result<()> {
+    let mut reader = BufReader::with_capacity(MAX_LINE, input);
+    let mut line: Vec<u8> = Vec::new();
+    loop {
+        let chunk = match reader.fill_buf() {
+            Ok(c) => c,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if chunk.is_empty() {
+            if !line.is_empty() {
+                emit(&line, on_line);
+            }
+            return Ok(());
+        }
+        let room = MAX_LINE - line.len();
+        let take = chunk.len().min(room);
+        match chunk[..take].iter().position(|b| *b == b'\n') {
+            Some(i) => {
+                line.extend_from_slice(&chunk[..i]);
+                reader.consume(i + 1);
+                emit(&line, on_line);
+                line.clear();
+            }
+            None => {
+                line.extend_from_slice(&chunk[..take]);
+                reader.consume(take);
+                if line.len() >= MAX_LINE {
+                    emit(&line, on_line);
+                    line.clear();
+                }
+            }
+        }
+    }
+}
+
+fn emit(line: &[u8], on_line: &mut dyn FnMut(&str)) {
+    let text = String::from_utf8_lossy(line);
+    on_line(text.trim_end_matches('\r'));
 }
 
 /// Control characters (C0 but tab, DEL, C1) as `\xNN` / `\u{NN}`: a terminal shows them,
@@ -156,5 +194,18 @@ mod tests {
         // An escape sequence in front does not hide it either.
         assert_eq!(relay_line("\rtroops: ok"), "\\x0dtroops: ok");
         assert_eq!(relay_line("not troops: x"), "not troops: x");
+    }
+
+    #[test]
+    fn long_lines_come_in_pieces_and_short_ones_whole() {
+        let mut input = b"one\r\ntwo\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', MAX_LINE * 2 + 10));
+        input.extend(b"\nlast");
+        let mut lines = Vec::new();
+        for_each_line(&input[..], &mut |l| lines.push(l.to_owned())).unwrap();
+        let lens: Vec<usize> = lines.iter().map(String::len).collect();
+        assert_eq!(lens, vec![3, 3, MAX_LINE, MAX_LINE, 10, 4]);
+        assert_eq!(lines[0], "one");
+        assert_eq!(lines[5], "last");
     }
 }
