@@ -4,6 +4,11 @@ Run by the agent, the context comes from the node: its roles and settings, the c
 deployed and the one before it. Run by hand (`venv/bin/python deploy.py`), it reads the
 node's /etc/troops/troops.toml (under $TROOPS_ROOT if set). Either way the deployables run
 when the interpreter exits, after deploy.py's top level has finished.
+
+A run ends when deploy.py exits: processes it started and left running (in its process
+group) are stopped a few seconds later and named in the run's output, and a run longer than
+`deploy_timeout` is stopped with everything it started. Start long-lived daemons with
+systemd (`systemctl start`, `systemd-run`), never as children of deploy.py.
 """
 from typing import Any, Callable, Iterable, Optional, Set, TypeVar, Union, overload
 

@@ -101,6 +101,8 @@ pub struct Settings {
     /// Seconds a pusher may go without a line from a running deploy before the daemon sends
     /// a keepalive, so ssh and git keep the session.
     pub keepalive: u64,
+    /// Seconds deploy.py may run; then it and everything it started are stopped.
+    pub deploy_timeout: u64,
 }
 
 impl Default for Settings {
@@ -121,6 +123,7 @@ impl Default for Settings {
             imds_deadline: 120,
             allow_other_refs: false,
             keepalive: 30,
+            deploy_timeout: 3600,
             interval: 300,
             bucket: None,
         }
@@ -205,6 +208,9 @@ impl Settings {
         }
         if !(1..=100_000).contains(&self.keep_runs) {
             return value("keep_runs", "from 1 to 100000");
+        }
+        if !(1..=7 * DAY).contains(&self.deploy_timeout) {
+            return value("deploy_timeout", "from 1 to 604800 (seconds)");
         }
         if self.imds_deadline > DAY {
             return value("imds_deadline", "at most 86400 (seconds)");

@@ -166,3 +166,59 @@ fn a_push_of_what_a_pull_already_deployed_is_not_deployed_again() {
     );
     assert_eq!(t.node.runs().len(), 1);
 }
+
+/// Whether a process whose command line holds `marker` is alive.
+fn alive(marker: &str) -> bool {
+    Command::new("pgrep")
+        .args(["-f", marker])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+#[test]
+fn what_a_finished_deploy_left_running_is_stopped_and_named() {
+    let t = one_remote(&[]);
+    // A background child that inherits stdout and would hold the run open for 4242 s.
+    t.up.write(
+        "deploy.py",
+        "import subprocess\nsubprocess.Popen(['sleep', '4242'])\nprint('started a helper')\n",
+    );
+    t.ship("leaves a child");
+    let out = t.node.troops(&["pull"]).ok();
+    assert!(!alive("sleep 4242"), "the child outlived the run");
+    assert!(
+        out.stdout.contains("troops: left running: pid ") && out.stdout.contains("sleep; stopped"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(t.node.runs()[0]["result"], "success");
+}
+
+#[test]
+fn a_deploy_past_its_timeout_is_stopped_with_everything_it_started() {
+    let t = one_remote(&[]);
+    t.node.set("deploy_timeout", "3");
+    t.up.write(
+        "deploy.py",
+        "import subprocess, time\nsubprocess.Popen(['sleep', '4343'])\nprint('working', flush=True)\ntime.sleep(4444)\n",
+    );
+    let c = t.ship("hangs");
+    let out = t.node.troops(&["pull"]).failed();
+    assert!(out.stderr.contains("timed out after 3s"), "{}", out.stderr);
+    assert!(
+        !alive("sleep 4343"),
+        "something outlived the timeout"
+    );
+    let record = &t.node.runs()[0];
+    assert_eq!(record["result"], "failed");
+    assert_ne!(t.node.deployed().as_ref(), Some(&c));
+    // Backoff applies: the next pull waits instead of hanging again at once.
+    let again = t.node.troops(&["pull"]);
+    assert!(
+        again.all().contains("next attempt after"),
+        "{}",
+        again.all()
+    );
+}

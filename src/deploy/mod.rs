@@ -257,15 +257,17 @@ fn deploy_checkout(
     };
     let scratch = layout.runs().join(record.id.to_string());
     log.last = None;
-    let outcome = python::run_deploy_py(&venv_dir, checkout, &context, &scratch, &mut |l| {
-        log.line(l)
-    })
-    .map_err(|e| {
-        format!(
-            "failed to run deploy.py with {}: {e}",
-            venv_dir.join("bin/python").display()
-        )
-    })?;
+    let timeout = std::time::Duration::from_secs(node.settings.deploy_timeout);
+    let outcome =
+        python::run_deploy_py(&venv_dir, checkout, &context, &scratch, timeout, &mut |l| {
+            log.line(l)
+        })
+        .map_err(|e| {
+            format!(
+                "failed to run deploy.py with {}: {e}",
+                venv_dir.join("bin/python").display()
+            )
+        })?;
     record.exit_code = outcome.exit_code;
     if let Some(r) = &outcome.results {
         record.roles = r.roles.clone();

@@ -56,6 +56,7 @@ pub fn run_deploy_py(
     checkout: &Path,
     context: &Context,
     scratch: &Path,
+    timeout: std::time::Duration,
     on_line: &mut dyn FnMut(&str),
 ) -> io::Result<Outcome> {
     let context_path = scratch.with_extension("context.json");
@@ -76,6 +77,7 @@ pub fn run_deploy_py(
             // Lets the module tell the interpreter we started from the ones deploy.py starts.
             ("TROOPS_AGENT_PID".into(), std::process::id().to_string()),
         ],
+        timeout: Some(timeout),
     };
     let status = runner::run(&inv, on_line);
     let results = fs::read(&results_path)

@@ -10,6 +10,7 @@ use std::io::{self, BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 pub const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -30,7 +31,13 @@ pub struct Invocation {
     /// Run as if the venv were activated: its bin first on PATH, VIRTUAL_ENV set.
     pub venv: Option<PathBuf>,
     pub env: Vec<(String, String)>,
+    /// Stop it (its whole process group) after this long.
+    pub timeout: Option<Duration>,
 }
+
+/// How long processes a finished child left behind (holding its output open) get before
+/// they are stopped, and how long SIGTERM gets before SIGKILL.
+const GRACE: Duration = Duration::from_secs(3);
 
 fn home() -> String {
     // SAFETY: getuid cannot fail.
@@ -74,11 +81,12 @@ pub fn run(inv: &Invocation, on_line: &mut dyn FnMut(&str)) -> io::Result<ExitSt
     for (k, v) in &inv.env {
         cmd.env(k, v);
     }
-    // SAFETY: prctl is async-signal-safe. If the agent dies (kill -9), the deploy dies with
-    // it instead of running on unobserved; the next pull starts it again.
+    // SAFETY: prctl and setpgid are async-signal-safe. If the agent dies (kill -9), the
+    // deploy dies with it instead of running on unobserved; the next pull starts it again.
+    // Its own process group: whatever it starts and leaves behind can be found and stopped.
     unsafe {
         cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 || libc::setpgid(0, 0) != 0 {
                 return Err(io::Error::last_os_error());
             }
             Ok(())
@@ -87,8 +95,125 @@ pub fn run(inv: &Invocation, on_line: &mut dyn FnMut(&str)) -> io::Result<ExitSt
     let mut child = cmd.spawn()?;
     // The parent's copies of the write end must be gone, or the read below never ends.
     drop(cmd);
-    for_each_line(reader, &mut |line| on_line(&relay_line(line)))?;
-    child.wait()
+    let pgid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    // The pipe is read on its own thread: a process the child left holding it open must
+    // not keep this one waiting, and a timeout must be noticed while nothing is printed.
+    std::thread::spawn(move || {
+        let _ = for_each_line(reader, &mut |line| {
+            let _ = tx.send(relay_line(line));
+        });
+    });
+    let started = Instant::now();
+    let mut exited: Option<(ExitStatus, Instant)> = None;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) => {
+                on_line(&line);
+                continue;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if exited.is_none()
+            && let Some(status) = child.try_wait()?
+        {
+            exited = Some((status, Instant::now()));
+        }
+        match exited {
+            // It exited but something it started still holds its output: stop that.
+            Some((_, at)) if at.elapsed() >= GRACE => {
+                stop_group(pgid, on_line);
+                break;
+            }
+            Some(_) => {}
+            None if inv.timeout.is_some_and(|t| started.elapsed() >= t) => {
+                let t = inv.timeout.unwrap_or_default();
+                on_line(&format!(
+                    "troops: still running after {}s (deploy_timeout); stopping it",
+                    t.as_secs()
+                ));
+                stop_group(pgid, on_line);
+                let _ = child.wait();
+                drain(&rx, on_line);
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "timed out after {}s (deploy_timeout) and was stopped",
+                        t.as_secs()
+                    ),
+                ));
+            }
+            None => {}
+        }
+    }
+    drain(&rx, on_line);
+    match exited {
+        Some((status, _)) => Ok(status),
+        None => child.wait(),
+    }
+}
+
+/// What is left in the channel, without waiting.
+fn drain(rx: &std::sync::mpsc::Receiver<String>, on_line: &mut dyn FnMut(&str)) {
+    while let Ok(line) = rx.try_recv() {
+        on_line(&line);
+    }
+}
+
+/// Every process in process group `pgid`: its pid and command name, from /proc.
+fn group_members(pgid: i32) -> Vec<(i32, String)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let comm = head.split_once('(').map_or("", |(_, c)| c).to_owned();
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.get(2).and_then(|p| p.parse::<i32>().ok()) == Some(pgid) {
+            out.push((pid, comm));
+        }
+    }
+    out
+}
+
+/// SIGTERM to the whole group, SIGKILL to what is left after the grace period; say which
+/// processes were stopped.
+fn stop_group(pgid: i32, on_line: &mut dyn FnMut(&str)) {
+    let left = group_members(pgid);
+    if left.is_empty() {
+        return;
+    }
+    let names: Vec<String> = left.iter().map(|(p, c)| format!("pid {p} {c}")).collect();
+    // SAFETY: kill with a negative pid signals a process group; no memory is touched.
+    unsafe {
+        libc::kill(-pgid, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + GRACE;
+    while Instant::now() < deadline && !group_members(pgid).is_empty() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if !group_members(pgid).is_empty() {
+        // SAFETY: as above.
+        unsafe {
+            libc::kill(-pgid, libc::SIGKILL);
+        }
+    }
+    on_line(&format!(
+        "troops: left running: {}; stopped (start long-lived services with systemd)",
+        names.join(", ")
+    ));
 }
 
 /// The longest line kept whole: a longer one is passed on in pieces of this size, so that

@@ -263,6 +263,7 @@ pub fn ensure(
             cwd: cwd.to_owned(),
             venv: Some(dir.clone()),
             env: Vec::new(),
+            timeout: None,
         };
         let status = runner::run(&inv, on_line).map_err(|source| VenvError::Io {
             path: cwd.to_owned(),
