@@ -165,10 +165,12 @@ pub fn fetch_all(
     remotes: &[(String, String)],
     branch: &str,
     timeout: Duration,
+    jobs: usize,
 ) -> Vec<FetchResult> {
     let (tx, rx) = mpsc::channel();
-    let mut pending = Vec::new();
-    for (i, (name, _)) in remotes.iter().enumerate() {
+    // Start remote `i`'s worker; its result arrives on the channel.
+    let start = |i: usize| -> Option<u32> {
+        let name = &remotes[i].0;
         let spawned = Command::new(exe)
             .arg("--root")
             .arg(root)
@@ -195,10 +197,10 @@ pub fn fetch_all(
                         error: format!("failed to start {}: {e}", exe.display()),
                     },
                 ));
-                continue;
+                return None;
             }
         };
-        pending.push((i, child.id()));
+        let pid = child.id();
         let tx = tx.clone();
         std::thread::spawn(move || {
             let mut out = String::new();
@@ -224,32 +226,49 @@ pub fn fetch_all(
             };
             let _ = tx.send((i, fetched));
         });
-    }
-    drop(tx);
+        Some(pid)
+    };
 
-    let deadline = Instant::now() + timeout;
+    // At most `jobs` workers at once; each remote gets its own `timeout` from its start.
+    let jobs = jobs.max(1);
     let mut results: Vec<Option<Fetched>> = vec![None; remotes.len()];
+    let mut running: Vec<(usize, Option<u32>, Instant)> = Vec::new();
+    let mut next = 0;
     let mut done = 0;
     while done < remotes.len() {
-        let left = deadline.saturating_duration_since(Instant::now());
+        while running.len() < jobs && next < remotes.len() {
+            running.push((next, start(next), Instant::now() + timeout));
+            next += 1;
+        }
+        let first_deadline = running
+            .iter()
+            .map(|r| r.2)
+            .min()
+            .unwrap_or_else(Instant::now);
+        let left = first_deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok((i, f)) => {
                 if results[i].is_none() {
                     results[i] = Some(f);
                     done += 1;
                 }
+                running.retain(|r| r.0 != i);
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                for &(i, pid) in &pending {
-                    if results[i].is_none() {
+                let now = Instant::now();
+                for &(i, pid, _) in running.iter().filter(|r| r.2 <= now) {
+                    if let Some(pid) = pid {
                         // SAFETY: kill(2) on a process group we created; no memory involved.
                         unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+                    }
+                    if results[i].is_none() {
                         results[i] = Some(Fetched::TimedOut {
                             seconds: timeout.as_secs(),
                         });
                         done += 1;
                     }
                 }
+                running.retain(|r| r.2 > now);
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }

@@ -240,6 +240,7 @@ pub fn take_push_and_deploy(
         &jobs,
         &node.settings.branch,
         Duration::from_secs(node.settings.fetch_timeout),
+        node.settings.fetch_jobs as usize,
     );
     let local = repo.ref_target(&format!("refs/heads/{}", node.settings.branch))?;
     let pushed = fetched.pop().map(|f| f.fetched);
@@ -316,6 +317,7 @@ pub fn pull(
         &jobs,
         &settings.branch,
         Duration::from_secs(settings.fetch_timeout),
+        settings.fetch_jobs as usize,
     );
     let pushed = match unchanged {
         Some(tip) => Some(Fetched::Tip { tip }),

@@ -15,6 +15,15 @@ use gix::refs::transaction::{Change, LogChange, PreviousValue, RefEdit, RefLog};
 use gix::remote::Direction;
 use thiserror::Error;
 
+/// Whether a fetch may have failed because another fetch wrote the same pack at the same
+/// moment (each removes its pack's .keep file when done: the other then finds it gone).
+/// Anything else that looks the same costs one serialised retry, no more.
+fn collided(message: &str) -> bool {
+    ["os error 2)", "os error 17)", ".keep"]
+        .iter()
+        .any(|m| message.contains(m))
+}
+
 /// One commit of [`Repo::commit_graph`].
 #[derive(Debug, Clone)]
 pub struct GraphCommit {
@@ -495,6 +504,28 @@ impl Repo {
         tracking: &str,
         account: Option<(String, String)>,
     ) -> Result<Option<CommitId>, RepoError> {
+        // Remotes are fetched in parallel, each on its own: a slow one holds nothing the
+        // others need. Mirrors can send byte-identical packs with identical names, which may
+        // collide in objects/pack; the one that loses tries again, serialised, and finds
+        // the objects already there.
+        match self.fetch_attempt(remote, url, branch, tracking, account.clone(), false) {
+            Err(RepoError::Fetch { message, .. }) if collided(&message) => {
+                tracing::debug!("{remote}: a pack collided with another fetch's; again");
+                self.fetch_attempt(remote, url, branch, tracking, account, true)
+            }
+            other => other,
+        }
+    }
+
+    fn fetch_attempt(
+        &self,
+        remote: &str,
+        url: &str,
+        branch: &str,
+        tracking: &str,
+        account: Option<(String, String)>,
+        serialise: bool,
+    ) -> Result<Option<CommitId>, RepoError> {
         let fail = |e: &(dyn std::error::Error + 'static)| RepoError::Fetch {
             remote: remote.to_owned(),
             url: redact_url(url),
@@ -564,18 +595,18 @@ impl Repo {
         {
             return Ok(None);
         }
-        // Remotes are fetched in parallel, and mirrors send byte-identical packs with identical
-        // names, which collide in objects/pack. Talking to the remotes stays parallel; writing
-        // what they send is one at a time, and a remote whose objects just arrived from
-        // another then has nothing left to send.
-        let lock_path = self.path.join("troops-fetch.lock");
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .and_then(|f| f.lock().map(|()| f))
-            .map_err(|e| fail(&e))?;
+        let lock = match serialise {
+            true => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(self.path.join("troops-fetch.lock"))
+                    .and_then(|f| f.lock().map(|()| f))
+                    .map_err(|e| fail(&e))?,
+            ),
+            false => None,
+        };
         let outcome = prepared
             .receive(gix::progress::Discard, &AtomicBool::new(false))
             .map_err(|e| fail(&e))?;

@@ -103,6 +103,8 @@ pub struct Settings {
     pub keepalive: u64,
     /// Seconds deploy.py may run; then it and everything it started are stopped.
     pub deploy_timeout: u64,
+    /// Remotes fetched at once, at most.
+    pub fetch_jobs: u64,
 }
 
 impl Default for Settings {
@@ -124,6 +126,7 @@ impl Default for Settings {
             allow_other_refs: false,
             keepalive: 30,
             deploy_timeout: 3600,
+            fetch_jobs: 8,
             interval: 300,
             bucket: None,
         }
@@ -208,6 +211,9 @@ impl Settings {
         }
         if !(1..=100_000).contains(&self.keep_runs) {
             return value("keep_runs", "from 1 to 100000");
+        }
+        if !(1..=64).contains(&self.fetch_jobs) {
+            return value("fetch_jobs", "from 1 to 64");
         }
         if !(1..=7 * DAY).contains(&self.deploy_timeout) {
             return value("deploy_timeout", "from 1 to 604800 (seconds)");

@@ -207,10 +207,7 @@ fn a_deploy_past_its_timeout_is_stopped_with_everything_it_started() {
     let c = t.ship("hangs");
     let out = t.node.troops(&["pull"]).failed();
     assert!(out.stderr.contains("timed out after 3s"), "{}", out.stderr);
-    assert!(
-        !alive("sleep 4343"),
-        "something outlived the timeout"
-    );
+    assert!(!alive("sleep 4343"), "something outlived the timeout");
     let record = &t.node.runs()[0];
     assert_eq!(record["result"], "failed");
     assert_ne!(t.node.deployed().as_ref(), Some(&c));
@@ -221,4 +218,143 @@ fn a_deploy_past_its_timeout_is_stopped_with_everything_it_started() {
         "{}",
         again.all()
     );
+}
+
+#[test]
+fn a_slow_mirror_costs_only_its_own_timeout() {
+    let world = World::new();
+    let up = world.upstream("src");
+    let healthy = world.bare("healthy");
+    let slow = world.bare("slow");
+    up.write("deploy.py", &simple_deploy("one"));
+    let one = up.commit("one");
+    up.push(&healthy);
+    // The slow mirror is ahead with a large commit it sends at 2 KB/s.
+    // Random, so it does not compress: about 200 KB on the wire, 100 s at 2 KB/s.
+    let mut random = vec![0u8; 150_000];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").unwrap(),
+        &mut random,
+    )
+    .unwrap();
+    let noise: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    up.write("big.txt", &noise);
+    up.commit("big");
+    up.push(&slow);
+    // ssh that runs the remote command locally: the slow mirror's output throttled from the
+    // start, the healthy one's handshake a moment late (so the slow one is first to the
+    // pack-writing stage either way).
+    let throttle = world.path("throttle.py");
+    std::fs::write(
+        &throttle,
+        r#"import subprocess, sys, time
+args = sys.argv[1:]
+at = next(i for i, a in enumerate(args) if "git-upload-pack" in a)
+cmd = " ".join(args[at:])
+slow = "slow.git" in cmd
+if not slow:
+    time.sleep(2)
+p = subprocess.Popen(["sh", "-c", cmd], stdout=subprocess.PIPE)
+out = sys.stdout.buffer
+while True:
+    chunk = p.stdout.read1(512) if slow else p.stdout.read1(65536)
+    if not chunk:
+        break
+    out.write(chunk)
+    out.flush()
+    if slow:
+        time.sleep(0.25)
+sys.exit(p.wait())
+"#,
+    )
+    .unwrap();
+    let ssh = world.path("fake-ssh");
+    std::fs::write(
+        &ssh,
+        format!(
+            "#!/bin/sh\nexec /usr/bin/python3 {} \"$@\"\n",
+            throttle.display()
+        ),
+    )
+    .unwrap();
+    Command::new("chmod").arg("755").arg(&ssh).status().unwrap();
+    let node = world.node("n1");
+    node.troops(&[
+        "init",
+        "--no-pull",
+        "--group",
+        &node.group,
+        "--remote",
+        &format!("slow=ssh://git@mirror.invalid{}", slow.display()),
+        "--remote",
+        &format!("healthy=ssh://git@mirror.invalid{}", healthy.display()),
+    ])
+    .ok();
+    git(
+        &node.state_repo(),
+        &["config", "core.sshCommand", ssh.to_str().unwrap()],
+    );
+    node.set("fetch_timeout", "10");
+    let out = node.troops(&["pull"]);
+    assert_eq!(
+        node.deployed().as_ref(),
+        Some(&one),
+        "{}\n{}",
+        out.all(),
+        node.status()
+    );
+    assert_eq!(node.remote_report("healthy")["fetch"], "tip");
+    assert_eq!(node.remote_report("slow")["fetch"], "timed-out");
+}
+
+#[test]
+fn no_more_than_fetch_jobs_remotes_are_fetched_at_once() {
+    let world = World::new();
+    let running = world.path("running");
+    std::fs::create_dir_all(&running).unwrap();
+    let counts = world.path("counts");
+    // An ssh that stays a moment, notes how many of it are running, and fails.
+    let ssh = world.path("fake-ssh");
+    std::fs::write(
+        &ssh,
+        format!(
+            "#!/bin/sh\ntouch {r}/$$\nls {r} | wc -l >> {c}\nsleep 1\nrm {r}/$$\nexit 1\n",
+            r = running.display(),
+            c = counts.display()
+        ),
+    )
+    .unwrap();
+    Command::new("chmod").arg("755").arg(&ssh).status().unwrap();
+    let node = world.node("n1");
+    let mut args: Vec<String> = vec![
+        "init".into(),
+        "--no-pull".into(),
+        "--group".into(),
+        node.group.clone(),
+    ];
+    for i in 0..6 {
+        args.push("--remote".into());
+        args.push(format!("r{i}=ssh://git@mirror{i}.invalid/x.git"));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    node.troops(&args).ok();
+    git(
+        &node.state_repo(),
+        &["config", "core.sshCommand", ssh.to_str().unwrap()],
+    );
+    node.set("fetch_jobs", "2");
+    node.troops(&["pull"]).failed();
+    let seen: Vec<usize> = std::fs::read_to_string(&counts)
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    assert!(seen.len() >= 6, "every remote was tried: {seen:?}");
+    assert!(
+        seen.iter().all(|n| *n <= 2),
+        "more than 2 at once: {seen:?}"
+    );
+    for i in 0..6 {
+        assert_eq!(node.remote_report(&format!("r{i}"))["fetch"], "failed");
+    }
 }
