@@ -34,7 +34,15 @@ pub fn retry_at(
     max: u64,
 ) -> Option<u64> {
     let state = state.filter(|s| s.commit == commit)?;
-    let at = state.last_failure + delay(state.failures, min, max);
+    // A failure recorded while the clock was wrong (a century ahead) must not freeze retries
+    // until then: one in the future is retried now, and a retry that fails again is recorded
+    // with the clock as it is.
+    if state.last_failure > now {
+        return None;
+    }
+    let at = state
+        .last_failure
+        .saturating_add(delay(state.failures, min, max));
     (now < at).then_some(at)
 }
 
@@ -76,5 +84,23 @@ mod tests {
         assert_eq!(s2.failures, 2);
         assert_eq!(retry_at(Some(&s2), c(1), 1100, 60, 3600), Some(1180));
         assert_eq!(record_failure(Some(&s2), c(2), 1100).failures, 1);
+    }
+
+    #[test]
+    fn a_failure_from_a_clock_far_ahead_is_retried_now() {
+        let century = 100 * 365 * 86_400;
+        let state = record_failure(None, c(1), 1_000 + century);
+        assert_eq!(retry_at(Some(&state), c(1), 1_000, 60, 3600), None);
+        let state = RetryState {
+            commit: c(1),
+            failures: 9,
+            last_failure: u64::MAX - 5,
+        };
+        assert_eq!(retry_at(Some(&state), c(1), 0, 60, 3600), None);
+        // An ordinary failure still waits, and no sum overflows.
+        let again = record_failure(Some(&state), c(1), 1_000);
+        assert_eq!(retry_at(Some(&again), c(1), 1_000, 60, 3600), Some(4_600));
+        let first = record_failure(None, c(1), 1_000);
+        assert_eq!(retry_at(Some(&first), c(1), 1_000, 60, 3600), Some(1_060));
     }
 }

@@ -358,3 +358,26 @@ fn no_more_than_fetch_jobs_remotes_are_fetched_at_once() {
         assert_eq!(node.remote_report(&format!("r{i}"))["fetch"], "failed");
     }
 }
+
+#[test]
+fn a_virtualenv_that_deploy_py_broke_is_built_again() {
+    let t = one_remote(&[]);
+    // deploy.py removes the troops module's .pth from its own venv.
+    t.up.write(
+        "deploy.py",
+        "import glob, os, sys\nfor p in glob.glob(os.path.join(sys.prefix, 'lib', 'python*', 'site-packages', 'troops.pth')):\n    os.remove(p)\nprint('broke it')\n",
+    );
+    t.ship("breaks its venv");
+    t.node.troops(&["pull"]).ok();
+    t.up.write("deploy.py", &simple_deploy("after"));
+    let after = t.ship("after");
+    let out = t.node.troops(&["pull"]).ok();
+    assert!(
+        out.stdout
+            .contains("is broken (it cannot find the troops module); building it again"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(t.node.deployed().as_ref(), Some(&after));
+    assert_eq!(t.node.read("out/tag").as_deref(), Some("after"));
+}

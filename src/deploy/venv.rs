@@ -157,6 +157,33 @@ fn which(program: &str) -> Option<PathBuf> {
 /// Find the venv for `spec` in `venvs`, or build it, running the installer in `cwd` (the
 /// checkout) with its output sent to `on_line`. Returns the venv's path and whether it was
 /// built now.
+/// Whether the venv at `dir` still works: its python starts and finds the troops module
+/// (found, not imported: importing it reads a node's context).
+fn healthy(dir: &Path) -> Result<(), String> {
+    let out = Command::new(dir.join("bin/python"))
+        .args([
+            "-c",
+            "import importlib.util, sys; sys.exit(importlib.util.find_spec('troops') is None)",
+        ])
+        .env_clear()
+        .env("PATH", runner::SYSTEM_PATH)
+        .env("LANG", "C.UTF-8")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("its python does not start: {e}"))?;
+    match out.status.code() {
+        Some(0) => Ok(()),
+        Some(1) if out.stderr.is_empty() => Err("it cannot find the troops module".into()),
+        _ => Err(String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .last()
+            .map_or_else(
+                || format!("its python exited with {}", out.status),
+                String::from,
+            )),
+    }
+}
+
 pub fn ensure(
     venvs: &Path,
     spec: &VenvSpec,
@@ -170,12 +197,24 @@ pub fn ensure(
         move |source| VenvError::Io { path, source }
     };
     if dir.join(READY).exists() {
-        // Touch the marker: pruning keeps the recently used.
-        let _ = fs::File::options()
-            .append(true)
-            .open(dir.join(READY))
-            .and_then(|f| f.set_modified(std::time::SystemTime::now()));
-        return Ok((dir, false));
+        match healthy(&dir) {
+            Ok(()) => {
+                // Touch the marker: pruning keeps the recently used.
+                let _ = fs::File::options()
+                    .append(true)
+                    .open(dir.join(READY))
+                    .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                return Ok((dir, false));
+            }
+            // A deploy.py (or a package upgrade) broke it: build it again, say so.
+            Err(why) => {
+                on_line(&format!(
+                    "troops: the virtualenv {key} is broken ({why}); building it again"
+                ));
+                tracing::warn!("virtualenv {key} is broken ({why}); rebuilding");
+                let _ = fs::remove_file(dir.join(READY));
+            }
+        }
     }
     fsutil::create_dirs(venvs, 0o755).map_err(io_err(venvs))?;
     if dir.exists() {
