@@ -381,3 +381,39 @@ fn a_virtualenv_that_deploy_py_broke_is_built_again() {
     assert_eq!(t.node.deployed().as_ref(), Some(&after));
     assert_eq!(t.node.read("out/tag").as_deref(), Some("after"));
 }
+
+#[test]
+fn the_daemon_serves_a_bounded_number_of_clients_and_drops_one_that_trickles() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let t = one_remote(&[]);
+    let _daemon = crate::push::serve(&t.node);
+    let socket = t.node.path("run/troops/troops.sock");
+    // Idle clients take every slot (and serve()'s own probe connection has come and gone).
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let idle: Vec<UnixStream> = (0..troops::daemon::MAX_CLIENTS)
+        .map(|_| UnixStream::connect(&socket).unwrap())
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let mut extra = UnixStream::connect(&socket).unwrap();
+    let mut reply = String::new();
+    extra.read_to_string(&mut reply).unwrap();
+    assert_eq!(reply.trim(), "error busy");
+    drop(idle);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // A byte every two seconds never completes a request: dropped at the deadline.
+    let mut slow = UnixStream::connect(&socket).unwrap();
+    for _ in 0..7 {
+        let _ = slow.write_all(b"t");
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
+    let mut reply = String::new();
+    let _ = slow.read_to_string(&mut reply);
+    assert!(reply.contains("not sent within 10s"), "{reply:?}");
+    // And the daemon still answers.
+    let mut c = UnixStream::connect(&socket).unwrap();
+    c.write_all(b"troops/1 status\n").unwrap();
+    let mut reply = String::new();
+    c.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("done 0"), "{reply}");
+}

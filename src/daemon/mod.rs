@@ -7,7 +7,7 @@
 pub mod client;
 pub mod protocol;
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -106,13 +106,40 @@ fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
     Ok(cred.uid)
 }
 
+/// Clients served at once; beyond this a new one is told `error busy` and closed, so a
+/// flood of idle connections costs threads and descriptors up to here and no further.
+pub const MAX_CLIENTS: usize = 64;
+
+/// How long a client has to send its whole request line.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
+
+/// One client slot, given back when the connection's thread ends.
+struct Slot(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Serve forever. `exe` is this program (for the pull's fetch workers).
 pub fn serve(listener: UnixListener, root: PathBuf, exe: PathBuf) -> ! {
+    let clients = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for conn in listener.incoming() {
         match conn {
-            Ok(stream) => {
+            Ok(mut stream) => {
+                if clients.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= MAX_CLIENTS {
+                    clients.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+                    send(&mut stream, &Reply::Error("busy".into()));
+                    continue;
+                }
+                let slot = Slot(clients.clone());
                 let (root, exe) = (root.clone(), exe.clone());
-                std::thread::spawn(move || handle(stream, &root, &exe));
+                std::thread::spawn(move || {
+                    let _slot = slot;
+                    handle(stream, &root, &exe)
+                });
             }
             Err(e) => {
                 tracing::warn!("accept failed: {e}");
@@ -123,19 +150,32 @@ pub fn serve(listener: UnixListener, root: PathBuf, exe: PathBuf) -> ! {
     unreachable!("incoming() never ends")
 }
 
-/// Read the request line, refusing more than MAX_REQUEST bytes and a client that sends
-/// nothing for 10 s.
-fn read_request(stream: &UnixStream) -> Result<Request, String> {
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
+/// Read the request line, refusing more than MAX_REQUEST bytes and a client that has not
+/// sent all of it within REQUEST_DEADLINE (a byte now and then does not keep it open).
+fn read_request(mut stream: &UnixStream) -> Result<Request, String> {
+    let deadline = std::time::Instant::now() + REQUEST_DEADLINE;
     let mut line = Vec::new();
-    let mut reader = BufReader::new(stream).take(MAX_REQUEST as u64 + 1);
-    reader
-        .read_until(b'\n', &mut line)
-        .map_err(|e| format!("no request: {e}"))?;
-    if line.len() > MAX_REQUEST {
-        return Err(format!("request too long (at most {MAX_REQUEST} bytes)"));
+    let mut byte = [0u8; 1];
+    while line.last() != Some(&b'\n') {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "no request: not sent within {}s",
+                REQUEST_DEADLINE.as_secs()
+            ));
+        }
+        stream
+            .set_read_timeout(Some(left))
+            .map_err(|e| e.to_string())?;
+        match std::io::Read::read(&mut stream, &mut byte) {
+            Ok(0) => break,
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("no request: {e}")),
+        }
+        if line.len() > MAX_REQUEST {
+            return Err(format!("request too long (at most {MAX_REQUEST} bytes)"));
+        }
     }
     let text = std::str::from_utf8(&line).map_err(|_| "request is not UTF-8".to_string())?;
     if !text.ends_with('\n') {
