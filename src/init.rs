@@ -95,6 +95,18 @@ pub fn timer_dropin(interval: u64) -> String {
     )
 }
 
+/// troops-pull.service's start timeout, above everything a pull may take by the settings
+/// (its fetches, a deploy twice over for the venv build before it, ten minutes of slack):
+/// systemd stops a pull that hangs where troops' own bounds do not reach.
+pub fn pull_service_dropin(fetch_timeout: u64, deploy_timeout: u64) -> String {
+    let seconds = fetch_timeout
+        .saturating_add(deploy_timeout.saturating_mul(2))
+        .saturating_add(600);
+    format!(
+        "# Written by `troops init` from `fetch_timeout` and `deploy_timeout` in /etc/troops/troops.toml.\n[Service]\nTimeoutStartSec={seconds}s\n"
+    )
+}
+
 /// troops.socket's group from the settings: members of the admin group reach the daemon.
 pub fn socket_dropin(group: &str) -> String {
     format!(
@@ -328,6 +340,12 @@ pub fn plan(layout: &Layout, req: &Request) -> Result<Plan, InitError> {
         timer_dropin(settings.interval),
         0o644,
         "pull timer",
+    );
+    want_file(
+        layout.pull_service_dropin(),
+        pull_service_dropin(settings.fetch_timeout, settings.deploy_timeout),
+        0o644,
+        "pull timeout",
     );
     if store != old_store {
         want_file(layout.credentials(), store, 0o600, "credentials");

@@ -38,6 +38,10 @@ impl Layout {
     pub fn timer_dropin(&self) -> PathBuf {
         self.under("etc/systemd/system/troops-pull.timer.d/troops-interval.conf")
     }
+    /// The drop-in that bounds troops-pull.service's run above deploy_timeout.
+    pub fn pull_service_dropin(&self) -> PathBuf {
+        self.under("etc/systemd/system/troops-pull.service.d/troops-timeout.conf")
+    }
     pub fn ssh_dir(&self) -> PathBuf {
         self.under("var/lib/troops/ssh")
     }

@@ -417,3 +417,33 @@ fn the_daemon_serves_a_bounded_number_of_clients_and_drops_one_that_trickles() {
     c.read_to_string(&mut reply).unwrap();
     assert!(reply.starts_with("done 0"), "{reply}");
 }
+
+#[test]
+fn the_pull_unit_is_bounded_above_what_a_pull_may_take() {
+    let t = one_remote(&[]);
+    let dropin = t
+        .node
+        .path("etc/systemd/system/troops-pull.service.d/troops-timeout.conf");
+    let text = std::fs::read_to_string(&dropin).unwrap();
+    // fetch_timeout 60 + 2 x deploy_timeout 3600 + 600.
+    assert!(text.contains("TimeoutStartSec=7860s\n"), "{text}");
+    let units = t.world.path("units");
+    let d = units.join("troops-pull.service.d");
+    std::fs::create_dir_all(&d).unwrap();
+    let packaged = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("packaging/units/troops-pull/troops-pull.service");
+    // The packaged unit runs /usr/bin/troops; here the binary under test stands in.
+    let unit = std::fs::read_to_string(&packaged)
+        .unwrap()
+        .replace("/usr/bin/troops", t.node.exe.to_str().unwrap());
+    std::fs::write(units.join("troops-pull.service"), unit).unwrap();
+    std::fs::copy(&dropin, d.join("troops-timeout.conf")).unwrap();
+    let verify = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(units.join("troops-pull.service"))
+        .env("SYSTEMD_UNIT_PATH", format!("{}:", units.display()))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&verify.stderr);
+    assert!(verify.status.success() && said.trim().is_empty(), "{said}");
+}
