@@ -170,7 +170,14 @@ fn read_request(mut stream: &UnixStream) -> Result<Request, String> {
         match std::io::Read::read(&mut stream, &mut byte) {
             Ok(0) => break,
             Ok(_) => line.push(byte[0]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // A read timed out: the loop's deadline check says so, in its own words.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted
+                        | io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                ) => {}
             Err(e) => return Err(format!("no request: {e}")),
         }
         if line.len() > MAX_REQUEST {
