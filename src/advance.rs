@@ -126,6 +126,19 @@ pub fn advance<Id: Copy + Ord>(
     (take, signature_hold.or(rollout_hold))
 }
 
+/// The first-parent line from `tip` back through `graph`'s commits (those the node does
+/// not have), oldest first.
+pub fn first_parent_line<Id: Copy + Ord>(graph: &BTreeMap<Id, Commit<Id>>, tip: Id) -> Vec<Id> {
+    let mut line = Vec::new();
+    let mut cur = Some(tip);
+    while let Some(id) = cur.filter(|id| graph.contains_key(id)) {
+        line.push(id);
+        cur = graph[&id].parents.first().copied();
+    }
+    line.reverse();
+    line
+}
+
 /// `c` and its ancestors among `graph`'s commits (those the node does not have), newest
 /// first in a topological sense: a commit comes before its parents.
 fn ancestors_within<Id: Copy + Ord>(graph: &BTreeMap<Id, Commit<Id>>, c: Id) -> Vec<Id> {
@@ -438,6 +451,14 @@ mod tests {
         let (take, hold) = run(&g, &[1], late, &[]);
         assert_eq!(take, None);
         assert_eq!(hold.unwrap().eligible_at, Some(i64::MAX));
+    }
+
+    #[test]
+    fn the_line_follows_first_parents_within_the_graph() {
+        let g = graph(&[(1, &[], None), (2, &[1], None), (3, &[2, 7], None)]);
+        assert_eq!(first_parent_line(&g, 3), vec![1, 2, 3]);
+        let g = graph(&[(2, &[1], None), (3, &[2], None)]);
+        assert_eq!(first_parent_line(&g, 3), vec![2, 3], "1 is the node's own");
     }
 
     #[test]

@@ -96,11 +96,6 @@ pub fn narrow(
     now: i64,
     rollout: Rollout,
 ) -> Result<(Option<CommitId>, Option<Held>), GateError> {
-    let line: Vec<CommitId> = repo
-        .first_parent_line(target, local)?
-        .into_iter()
-        .map(|c| c.id)
-        .collect();
     let graph: BTreeMap<CommitId, advance::Commit<CommitId>> = repo
         .commit_graph(target, local)?
         .into_iter()
@@ -114,6 +109,22 @@ pub fn narrow(
             (c.id, commit)
         })
         .collect();
+    // Only commits that contain `local` are places to stop: a merge whose first parent is
+    // older history (`local` came in as its second parent) must not offer that history, or
+    // the branch would move backwards. Containing it holds for a suffix of the line.
+    let mut line = advance::first_parent_line(&graph, target);
+    if let Some(local) = local {
+        let (mut lo, mut hi) = (0, line.len());
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if repo.is_ancestor(local, line[mid])? {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        line.drain(..lo);
+    }
     let signatures = match node.settings.verify {
         Verify::None => advance::Signatures::Off,
         Verify::Tip => advance::Signatures::Tip,

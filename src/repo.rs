@@ -74,15 +74,6 @@ impl<'de> serde::Deserialize<'de> for CommitId {
     }
 }
 
-/// A commit on the way to a target: what rollout needs to know of it.
-#[derive(Debug, Clone)]
-pub struct LineCommit {
-    pub id: CommitId,
-    /// Committer time, unix seconds.
-    pub time: i64,
-    pub message: String,
-}
-
 /// One file of a tree, as a checkout writes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TreeFile {
@@ -846,57 +837,6 @@ impl Repo {
                 }
             })?;
         Ok(())
-    }
-
-    /// The commits the branch would pass through from `stop` (exclusive) to `tip`: the
-    /// first-parent line, oldest first, with each one's message and committer time. Only
-    /// commits that contain `stop` are on it: a merge whose first parent is older history
-    /// (`stop` came in as its second parent) must not offer that history as a place to stop,
-    /// or the branch would move backwards.
-    pub fn first_parent_line(
-        &self,
-        tip: CommitId,
-        stop: Option<CommitId>,
-    ) -> Result<Vec<LineCommit>, RepoError> {
-        // Commits reachable from `stop` end the walk: none of them is new.
-        let new: std::collections::HashSet<CommitId> =
-            self.commits_between(tip, stop)?.into_iter().collect();
-        let mut line = Vec::new();
-        let mut cur = Some(tip.0);
-        while let Some(id) = cur.filter(|id| new.contains(&CommitId(*id))) {
-            let commit = self
-                .repo
-                .find_commit(id)
-                .map_err(self.err(format!("find commit {id}")))?;
-            let time = commit
-                .time()
-                .map_err(self.err(format!("read the date of {id}")))?;
-            let message = commit
-                .message_raw()
-                .map_err(self.err(format!("read the message of {id}")))?
-                .to_string();
-            line.push(LineCommit {
-                id: CommitId(id),
-                time: time.seconds,
-                message,
-            });
-            cur = commit.parent_ids().next().map(|p| p.detach());
-        }
-        line.reverse();
-        if let Some(stop) = stop {
-            // Containing `stop` holds for a suffix of the line: find where it starts.
-            let (mut lo, mut hi) = (0, line.len());
-            while lo < hi {
-                let mid = (lo + hi) / 2;
-                if self.is_ancestor(stop, line[mid].id)? {
-                    hi = mid;
-                } else {
-                    lo = mid + 1;
-                }
-            }
-            line.drain(..lo);
-        }
-        Ok(line)
     }
 
     /// Every commit reachable from `tip` but not from `stop`, with its parents, committer
