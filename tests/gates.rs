@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::signatures::{SshSigner, commit_ssh, ssh_signer};
+use crate::signatures::{SshSigner, commit_ssh, gpg_key, ssh_signer};
 use crate::util::*;
 
 struct Fleet {
@@ -281,52 +281,6 @@ fn a_commit_dated_in_the_future_is_held_and_status_never_panics() {
     }
 }
 
-/// A GnuPG signing key made as if at `faked` (gpg's own clock option), expiring as `expire`
-/// says; and a gpg wrapper that signs at that time.
-fn gpg_key(
-    world: &World,
-    name: &str,
-    expire: &str,
-    faked: &str,
-) -> (std::path::PathBuf, String, std::path::PathBuf) {
-    use std::os::unix::fs::PermissionsExt;
-    use std::process::Command;
-    let home = world.path(&format!("gnupg-{name}"));
-    std::fs::create_dir_all(&home).unwrap();
-    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let wrapper = world.path(&format!("gpg-{name}"));
-    std::fs::write(
-        &wrapper,
-        format!("#!/bin/sh\nexec gpg --faked-system-time {faked} \"$@\"\n"),
-    )
-    .unwrap();
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let made = Command::new(&wrapper)
-        .env("GNUPGHOME", &home)
-        .args(["--batch", "--passphrase", "", "--quick-gen-key"])
-        .arg(format!("{name} <{name}@example.com>"))
-        .args(["ed25519", "sign", expire])
-        .output()
-        .unwrap();
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
-    let list = Command::new("gpg")
-        .env("GNUPGHOME", &home)
-        .args(["--batch", "--with-colons", "--list-secret-keys"])
-        .output()
-        .unwrap();
-    let fpr = String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .find(|l| l.starts_with("fpr:"))
-        .and_then(|l| l.split(':').nth(9))
-        .unwrap()
-        .to_owned();
-    (home, fpr, wrapper)
-}
-
 #[test]
 fn refusals_say_which_key_problem_in_one_line() {
     use std::process::Command;
@@ -358,7 +312,7 @@ fn refusals_say_which_key_problem_in_one_line() {
             &t.world,
             case,
             if case == "expired" { "1d" } else { "never" },
-            "20200101T000000",
+            Some("20200101T000000"),
         );
         t.up.write("deploy.py", &simple_deploy(case));
         git(&t.up.dir, &["add", "-A"]);

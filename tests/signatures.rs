@@ -196,25 +196,32 @@ fn a_wrong_key_is_refused_and_a_tampered_commit_has_a_bad_signature() {
 
 /// A throwaway GnuPG home with one signing key; returns (home, fingerprint).
 fn gpg_signer(world: &World) -> (PathBuf, String) {
-    let home = world.path("gnupg");
+    let (home, fpr, _) = gpg_key(world, "ops", "never", None);
+    (home, fpr)
+}
+
+/// A GnuPG signing key for `name <name@example.com>` expiring as `expire` says, in its own
+/// home; with `faked`, made (and later signing, through the returned gpg wrapper) as if at
+/// that time, gpg's own clock option.
+pub(crate) fn gpg_key(
+    world: &World,
+    name: &str,
+    expire: &str,
+    faked: Option<&str>,
+) -> (PathBuf, String, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let home = world.path(&format!("gnupg-{name}"));
     std::fs::create_dir_all(&home).unwrap();
-    Command::new("chmod")
-        .arg("700")
-        .arg(&home)
-        .status()
-        .unwrap();
-    let made = Command::new("gpg")
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let wrapper = world.path(&format!("gpg-{name}"));
+    let clock = faked.map_or(String::new(), |t| format!("--faked-system-time {t} "));
+    std::fs::write(&wrapper, format!("#!/bin/sh\nexec gpg {clock}\"$@\"\n")).unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let made = Command::new(&wrapper)
         .env("GNUPGHOME", &home)
-        .args([
-            "--batch",
-            "--passphrase",
-            "",
-            "--quick-gen-key",
-            "Ops <ops@example.com>",
-            "ed25519",
-            "sign",
-            "never",
-        ])
+        .args(["--batch", "--passphrase", "", "--quick-gen-key"])
+        .arg(format!("{name} <{name}@example.com>"))
+        .args(["ed25519", "sign", expire])
         .output()
         .unwrap();
     assert!(
@@ -233,7 +240,7 @@ fn gpg_signer(world: &World) -> (PathBuf, String) {
         .and_then(|l| l.split(':').nth(9))
         .unwrap()
         .to_owned();
-    (home, fpr)
+    (home, fpr, wrapper)
 }
 
 fn commit_gpg(up: &Upstream, home: &Path, fpr: &str, message: &str) -> String {
