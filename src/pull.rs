@@ -253,14 +253,45 @@ pub fn take_push_and_deploy(
         && repo.ref_target(DEPLOYED_REF)? == Some(head)
     {
         let store = deploy::record::RunStore::new(layout.runs());
-        let by = store
+        let Some(run) = store
             .list()
             .into_iter()
             .find(|r| r.commit == head && r.result == deploy::record::Outcome::Success)
-            .map_or(String::new(), |r| format!(" by run {}", r.id));
-        return Ok((0, format!("{} already deployed{by}", head.short())));
+        else {
+            return Ok((0, format!("{} already deployed", head.short())));
+        };
+        // A pull that started between the push and its hook took the commit and deployed
+        // it. The pusher still gets what they pushed for: that deploy's output and outcome.
+        replay(&run, out);
+        return Ok((
+            0,
+            format!(
+                "{} already deployed by run {} ({}, {:.1}s); its output is above",
+                head.short(),
+                run.id,
+                run.trigger,
+                run.duration_ms as f64 / 1000.0
+            ),
+        ));
     }
     Ok(deploy_head(node, trigger, out)?.verdict())
+}
+
+/// Send a finished run's log to whoever is attached, a bounded piece at a time. A log
+/// that cannot be read is said so in one line: the deploy itself is what was asked about.
+fn replay(run: &RunRecord, out: &mut dyn Output) {
+    let read = std::fs::File::open(&run.output).and_then(|file| {
+        deploy::runner::for_each_line(file, &mut |line| {
+            out.line(&deploy::runner::escape_controls(line))
+        })
+    });
+    if let Err(e) = read {
+        out.line(&format!(
+            "(the output of run {} could not be read from {}: {e})",
+            run.id,
+            run.output.display()
+        ));
+    }
 }
 
 fn save_json<T: Serialize>(path: &Path, value: &T) -> Result<(), PullError> {

@@ -164,6 +164,10 @@ fn a_push_of_what_a_pull_already_deployed_is_not_deployed_again() {
         reply.contains(&format!("{} already deployed by run 1", &one[..12])),
         "{reply}"
     );
+    // The pusher still sees what deploying their commit printed, and how it ended: the
+    // pull that won the race ran it, not nobody.
+    assert!(reply.contains("deploying one"), "{reply}");
+    assert!(reply.contains("by run 1 (pull, "), "{reply}");
     assert_eq!(t.node.runs().len(), 1);
 }
 

@@ -390,6 +390,13 @@ fn nodes_boot_install_the_package_and_deploy_themselves() {
     // 3. The admin the seed named pushes to the node over ssh and sees the deploy.
     let c3 = work.commit("third");
     let cloud = lab.node("cloud");
+    // With a 10 s timer, a pull may start between the push and its hook and deploy the
+    // commit itself; the pusher then sees that run's output (faults.rs tests that case).
+    // Here the push is to be the one that deploys, so the timer is stopped first.
+    cloud.ok(
+        "systemctl stop troops-pull.timer; \
+         while [ \"$(systemctl show -P ActiveState troops-pull.service)\" = activating ]; do sleep 0.2; done",
+    );
     let said = work.push(
         &lab,
         &format!("ops@{}:/var/lib/troops/repo/main.git", cloud.ip),
