@@ -171,7 +171,10 @@ pub fn fetch_all(
     // Start remote `i`'s worker; its result arrives on the channel.
     let start = |i: usize| -> Option<u32> {
         let name = &remotes[i].0;
-        let spawned = Command::new(exe)
+        let mut cmd = Command::new(exe);
+        // Killed with the agent: a worker nobody waits for would hold the remote for nothing.
+        crate::procs::die_with_parent(&mut cmd, libc::SIGKILL);
+        let spawned = cmd
             .arg("--root")
             .arg(root)
             .args(["__fetch", name, branch])

@@ -18,6 +18,7 @@ pub mod names;
 pub mod node;
 pub mod output;
 pub mod paths;
+pub mod procs;
 pub mod pull;
 pub mod repo;
 pub mod rollout;

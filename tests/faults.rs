@@ -451,3 +451,79 @@ fn the_pull_unit_is_bounded_above_what_a_pull_may_take() {
     let said = String::from_utf8_lossy(&verify.stderr);
     assert!(verify.status.success() && said.trim().is_empty(), "{said}");
 }
+
+#[test]
+fn what_a_deploy_started_in_a_new_session_is_stopped_too() {
+    let t = one_remote(&[]);
+    // Out of deploy.py's process group and session, output closed: nothing ties these to
+    // the run but their ancestry. One stays a child of deploy.py, one is double-forked.
+    t.up.write(
+        "deploy.py",
+        "import subprocess\n\
+         subprocess.Popen(['setsid', 'sleep', '4545'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n\
+         subprocess.run(['setsid', 'sh', '-c', 'sleep 4546 </dev/null >/dev/null 2>&1 &'])\n\
+         print('started two daemons')\n",
+    );
+    t.ship("escapes");
+    let out = t.node.troops(&["pull"]).ok();
+    let gone = |m: &str| {
+        (0..100).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            !alive(m)
+        })
+    };
+    assert!(gone("sleep 4545"), "a setsid child outlived the run");
+    assert!(
+        gone("sleep 4546"),
+        "a double-forked daemon outlived the run"
+    );
+    assert!(
+        out.stdout.contains("troops: left running: pid ") && out.stdout.contains("sleep"),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
+fn a_killed_agent_leaves_no_fetch_worker_behind() {
+    let world = World::new();
+    let node = world.node("n1");
+    // An ssh that never answers: the fetch worker waits on it.
+    let ssh = world.path("hung-ssh");
+    std::fs::write(&ssh, "#!/bin/sh\nexec sleep 4747\n").unwrap();
+    Command::new("chmod").arg("755").arg(&ssh).status().unwrap();
+    node.troops(&[
+        "init",
+        "--no-pull",
+        "--group",
+        &node.group,
+        "--remote",
+        "hung=ssh://git@mirror.invalid/x.git",
+    ])
+    .ok();
+    git(
+        &node.state_repo(),
+        &["config", "core.sshCommand", ssh.to_str().unwrap()],
+    );
+    let mut agent = node.spawn(&["pull"]);
+    let worker = format!("{} __fetch hung", node.root.display());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !alive(&worker) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no fetch worker started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    let gone = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        !alive(&worker)
+    });
+    let _ = Command::new("pkill").args(["-f", "sleep 4747"]).status();
+    assert!(
+        gone,
+        "the fetch worker outlived the agent killed with SIGKILL"
+    );
+}

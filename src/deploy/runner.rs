@@ -12,6 +12,8 @@ use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::procs;
+
 pub const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Variables a deploy may need from the agent's environment; everything else is dropped.
@@ -92,10 +94,11 @@ pub fn run(inv: &Invocation, on_line: &mut dyn FnMut(&str)) -> io::Result<ExitSt
             Ok(())
         });
     }
+    procs::adopt_orphans();
     let mut child = cmd.spawn()?;
     // The parent's copies of the write end must be gone, or the read below never ends.
     drop(cmd);
-    let pgid = child.id() as i32;
+    let pid = child.id() as i32;
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     // The pipe is read on its own thread: a process the child left holding it open must
     // not keep this one waiting, and a timeout must be noticed while nothing is printed.
@@ -123,7 +126,7 @@ pub fn run(inv: &Invocation, on_line: &mut dyn FnMut(&str)) -> io::Result<ExitSt
         match exited {
             // It exited but something it started still holds its output: stop that.
             Some((_, at)) if at.elapsed() >= GRACE => {
-                stop_group(pgid, on_line);
+                stop_leftovers(pid, on_line);
                 break;
             }
             Some(_) => {}
@@ -133,7 +136,7 @@ pub fn run(inv: &Invocation, on_line: &mut dyn FnMut(&str)) -> io::Result<ExitSt
                     "troops: still running after {}s (deploy_timeout); stopping it",
                     t.as_secs()
                 ));
-                stop_group(pgid, on_line);
+                stop_leftovers(pid, on_line);
                 let _ = child.wait();
                 drain(&rx, on_line);
                 return Err(io::Error::new(
@@ -148,10 +151,14 @@ pub fn run(inv: &Invocation, on_line: &mut dyn FnMut(&str)) -> io::Result<ExitSt
         }
     }
     drain(&rx, on_line);
-    match exited {
-        Some((status, _)) => Ok(status),
-        None => child.wait(),
-    }
+    let status = match exited {
+        Some((status, _)) => status,
+        None => child.wait()?,
+    };
+    // Output closed and the child gone; what it started with its output elsewhere (a
+    // daemon) may still be running.
+    stop_leftovers(pid, on_line);
+    Ok(status)
 }
 
 /// What is left in the channel, without waiting.
@@ -161,55 +168,73 @@ fn drain(rx: &std::sync::mpsc::Receiver<String>, on_line: &mut dyn FnMut(&str)) 
     }
 }
 
-/// Every process in process group `pgid`: its pid and command name, from /proc.
-fn group_members(pgid: i32) -> Vec<(i32, String)> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
-        let Some((head, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let comm = head.split_once('(').map_or("", |(_, c)| c).to_owned();
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        if fields.get(2).and_then(|p| p.parse::<i32>().ok()) == Some(pgid) {
-            out.push((pid, comm));
-        }
-    }
-    out
+/// What a run left running: `child` itself unless it has exited, everything descending
+/// from it, and whatever was orphaned to this process (a daemon deploy.py started with
+/// `setsid` and a double fork, whose parents have exited). The caller holds the node lock,
+/// so no other child of this process is running.
+fn leftovers(child: i32) -> Vec<procs::Proc> {
+    let me = std::process::id() as i32;
+    let all = procs::snapshot();
+    let mut roots = vec![child];
+    roots.extend(
+        all.iter()
+            .filter(|p| p.ppid == me && p.pid != child)
+            .map(|p| p.pid),
+    );
+    procs::tree(&all, &roots)
+        .into_iter()
+        .filter(|p| !p.zombie)
+        .cloned()
+        .collect()
 }
 
-/// SIGTERM to the whole group, SIGKILL to what is left after the grace period; say which
-/// processes were stopped.
-fn stop_group(pgid: i32, on_line: &mut dyn FnMut(&str)) {
-    let left = group_members(pgid);
-    if left.is_empty() {
-        return;
-    }
-    let names: Vec<String> = left.iter().map(|(p, c)| format!("pid {p} {c}")).collect();
-    // SAFETY: kill with a negative pid signals a process group; no memory is touched.
-    unsafe {
-        libc::kill(-pgid, libc::SIGTERM);
-    }
-    let deadline = Instant::now() + GRACE;
-    while Instant::now() < deadline && !group_members(pgid).is_empty() {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    if !group_members(pgid).is_empty() {
-        // SAFETY: as above.
-        unsafe {
-            libc::kill(-pgid, libc::SIGKILL);
+/// Collect what of the run's leftovers has exited and was ours to collect (not `child`:
+/// its status belongs to the `Child` that started it).
+fn reap_orphans(child: i32) {
+    let me = std::process::id() as i32;
+    for p in procs::snapshot() {
+        if p.ppid == me && p.zombie && p.pid != child {
+            procs::reap(p.pid);
         }
     }
+}
+
+/// SIGTERM to everything the run left, SIGKILL to what is left after the grace period; say
+/// which processes were stopped.
+fn stop_leftovers(child: i32, on_line: &mut dyn FnMut(&str)) {
+    let left = leftovers(child);
+    if left.is_empty() {
+        reap_orphans(child);
+        return;
+    }
+    let names: Vec<String> = left
+        .iter()
+        .map(|p| format!("pid {} {}", p.pid, p.comm))
+        .collect();
+    let signal_all = |signal: i32| {
+        for p in leftovers(child) {
+            // SAFETY: kill sends a signal; no memory is touched.
+            unsafe {
+                libc::kill(p.pid, signal);
+            }
+        }
+    };
+    signal_all(libc::SIGTERM);
+    let deadline = Instant::now() + GRACE;
+    while Instant::now() < deadline && !leftovers(child).is_empty() {
+        reap_orphans(child);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A few rounds: what forked while being stopped is found and stopped too.
+    for _ in 0..5 {
+        if leftovers(child).is_empty() {
+            break;
+        }
+        signal_all(libc::SIGKILL);
+        std::thread::sleep(Duration::from_millis(20));
+        reap_orphans(child);
+    }
+    reap_orphans(child);
     on_line(&format!(
         "troops: left running: {}; stopped (start long-lived services with systemd)",
         names.join(", ")

@@ -230,7 +230,10 @@ pub fn ensure(
     ));
     // Always with pip: deploy.py may `import pip` (the seed's pattern), and ensurepip needs no
     // network.
-    let made = Command::new(&spec.python)
+    let mut make = Command::new(&spec.python);
+    // Killed with the agent; the half-built venv is swept at the next start.
+    crate::procs::die_with_parent(&mut make, libc::SIGKILL);
+    let made = make
         .args(["-m", "venv"])
         .arg(&dir)
         .env_clear()
