@@ -527,3 +527,60 @@ fn a_killed_agent_leaves_no_fetch_worker_behind() {
         "the fetch worker outlived the agent killed with SIGKILL"
     );
 }
+
+#[test]
+fn a_deploy_whose_record_cannot_be_written_fails_and_is_tried_again() {
+    let t = one_remote(&[]);
+    // deploy.py succeeds, having filled the disk the run records live on (and kept a link
+    // to its context file, whose removal would otherwise free a page again). Only a small
+    // disk, the test's tmpfs: the second pull runs it on the real one.
+    t.up.write(
+        "deploy.py",
+        r#"import os, pathlib, troops
+runs = pathlib.Path(troops.root, "var/lib/troops/runs")
+st = os.statvfs(runs)
+if st.f_blocks * st.f_frsize < 16 << 20:
+    for c in runs.glob("*.context.json"):
+        os.link(c, runs / ("kept-" + c.name))
+    f = open(runs / "filler", "wb", buffering=0)
+    for size in (65536, 512, 1):
+        try:
+            while True:
+                f.write(b"x" * size)
+        except OSError:
+            pass
+print("deployed, disk full")
+"#,
+    );
+    let c = t.ship("fills the disk");
+    let runs = t.node.path("var/lib/troops/runs");
+    std::fs::create_dir_all(&runs).unwrap();
+    // A small tmpfs over the records, in a mount namespace of this command's own.
+    let out: Run = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c"])
+        .arg(format!(
+            "mount -t tmpfs -o size=2m tmpfs {} && exec \"$@\"",
+            runs.display()
+        ))
+        .arg("sh")
+        .args(t.node.command(&["pull"]).get_program().to_str())
+        .args(t.node.command(&["pull"]).get_args())
+        .output()
+        .unwrap()
+        .into();
+    let out = out.failed();
+    assert!(
+        out.all().contains("could not record the run") && out.all().contains("No space left"),
+        "{}",
+        out.all()
+    );
+    assert_ne!(
+        t.node.deployed().as_ref(),
+        Some(&c),
+        "deployed moved unrecorded"
+    );
+    // With room again, the next pull deploys it and records it.
+    t.node.troops(&["pull"]).ok();
+    assert_eq!(t.node.deployed().as_ref(), Some(&c));
+    assert_eq!(t.node.runs()[0]["result"], "success");
+}

@@ -138,20 +138,7 @@ pub fn deploy(
     let result = run_steps(node, repo, commit, previous, &mut record, &mut log);
     record.duration_ms = started.elapsed().as_millis() as u64;
     match result {
-        Ok(()) => {
-            match repo.update_ref(
-                DEPLOYED_REF,
-                commit,
-                previous,
-                &format!("troops: deployed (run {id})"),
-            ) {
-                Ok(()) => record.result = Outcome::Success,
-                Err(e) => {
-                    record.result = Outcome::Failed;
-                    record.error = Some(e.to_string());
-                }
-            }
-        }
+        Ok(()) => record.result = Outcome::Success,
         Err(e) => {
             record.result = Outcome::Failed;
             record.error = Some(e);
@@ -169,7 +156,29 @@ pub fn deploy(
     if let Some(f) = &log.file {
         let _ = f.sync_all();
     }
-    store.save(&record).map_err(record_err)?;
+    // The record is finished before `deployed` moves: a success that could not be recorded
+    // (a full disk) is reported as a failure and tried again, never left "running" with the
+    // node believing it done.
+    if let Err(source) = store.save(&record) {
+        log.failure(&format!(
+            "troops: run {id}: FAILED: could not record the run in {}: {source}",
+            layout.runs().display()
+        ));
+        return Err(record_err(source));
+    }
+    if record.result == Outcome::Success
+        && let Err(e) = repo.update_ref(
+            DEPLOYED_REF,
+            commit,
+            previous,
+            &format!("troops: deployed (run {id})"),
+        )
+    {
+        record.result = Outcome::Failed;
+        record.error = Some(e.to_string());
+        log.failure(&format!("troops: run {id}: FAILED: {e}"));
+        store.save(&record).map_err(record_err)?;
+    }
     store.prune(settings.keep_runs);
     Ok(record)
 }
