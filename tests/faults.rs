@@ -584,3 +584,40 @@ print("deployed, disk full")
     assert_eq!(t.node.deployed().as_ref(), Some(&c));
     assert_eq!(t.node.runs()[0]["result"], "success");
 }
+
+#[test]
+fn what_an_interrupted_run_left_is_swept_at_the_next_start() {
+    let t = one_remote(&[]);
+    t.up.write("deploy.py", &simple_deploy("one"));
+    t.ship("one");
+    // What a kill -9 leaves: a half-built venv (no ready marker), a run's context and
+    // results files, a record still saying "running".
+    let half = t.node.path("var/lib/troops/venvs/0123456789abcdef01234567");
+    std::fs::create_dir_all(half.join("lib/python3/site-packages")).unwrap();
+    std::fs::write(
+        half.join("lib/python3/site-packages/big"),
+        vec![0u8; 1 << 20],
+    )
+    .unwrap();
+    let runs = t.node.path("var/lib/troops/runs");
+    std::fs::create_dir_all(&runs).unwrap();
+    std::fs::write(runs.join("7.context.json"), "{}").unwrap();
+    std::fs::write(runs.join("7.results.json"), "[]").unwrap();
+    let out = t.node.troops(&["pull"]).ok();
+    assert!(!half.exists(), "the unfinished venv was kept");
+    assert!(!runs.join("7.context.json").exists());
+    assert!(!runs.join("7.results.json").exists());
+    assert!(
+        out.all()
+            .contains("removed the unfinished virtualenv 0123456789abcdef01234567"),
+        "{}",
+        out.all()
+    );
+    // Only what was unfinished: the venv this run built is kept.
+    let venvs: Vec<_> = std::fs::read_dir(t.node.path("var/lib/troops/venvs"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(venvs.len(), 1);
+    assert!(venvs[0].path().join(".troops-ready").exists());
+}

@@ -102,6 +102,18 @@ pub fn deploy(
     };
     fsutil::create_dirs(&layout.runs(), 0o750).map_err(record_err)?;
     store.mark_interrupted().map_err(record_err)?;
+    let mut swept: Vec<String> = store
+        .sweep_scratch()
+        .into_iter()
+        .map(|f| format!("troops: removed {f}, left by an interrupted run"))
+        .collect();
+    swept.extend(
+        venv::sweep_unfinished(&layout.venvs())
+            .into_iter()
+            .map(|v| {
+                format!("troops: removed the unfinished virtualenv {v}, left by an interrupted run")
+            }),
+    );
     let previous = repo.ref_target(DEPLOYED_REF).ok().flatten();
     let id = store.next_id();
     let started = Instant::now();
@@ -134,6 +146,9 @@ pub fn deploy(
         commit.short(),
         previous.map_or("nothing".into(), |p| p.short())
     ));
+    for line in &swept {
+        log.line(line);
+    }
 
     let result = run_steps(node, repo, commit, previous, &mut record, &mut log);
     record.duration_ms = started.elapsed().as_millis() as u64;

@@ -172,6 +172,20 @@ impl RunStore {
         Ok(())
     }
 
+    /// Remove the scratch files (`N.context.json`, `N.results.json`) runs that died left
+    /// behind; the caller holds the lock, so no run is using one. Returns the names removed.
+    pub fn sweep_scratch(&self) -> Vec<String> {
+        let mut removed = Vec::new();
+        for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let scratch = name.ends_with(".context.json") || name.ends_with(".results.json");
+            if scratch && fs::remove_file(entry.path()).is_ok() {
+                removed.push(name);
+            }
+        }
+        removed
+    }
+
     /// Keep the newest `keep` runs.
     pub fn prune(&self, keep: usize) {
         let ids = self.ids();

@@ -339,6 +339,21 @@ fn site_packages(venv: &Path) -> io::Result<PathBuf> {
 }
 
 /// Keep the `keep` most recently used venvs (and any being built).
+/// Remove every venv without its ready marker: what a run killed while building it left
+/// (tens of MB each, and never reused under another key). The caller holds the node lock,
+/// so nothing is building one now. Returns the names removed.
+pub fn sweep_unfinished(venvs: &Path) -> Vec<String> {
+    let mut removed = Vec::new();
+    for entry in fs::read_dir(venvs).into_iter().flatten().flatten() {
+        let path = entry.path();
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        if is_dir && !path.join(READY).exists() && fs::remove_dir_all(&path).is_ok() {
+            removed.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    removed
+}
+
 pub fn prune(venvs: &Path, keep: usize) {
     let mut ready: Vec<(std::time::SystemTime, PathBuf)> = fs::read_dir(venvs)
         .into_iter()
