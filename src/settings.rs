@@ -105,6 +105,11 @@ pub struct Settings {
     pub deploy_timeout: u64,
     /// Remotes fetched at once, at most.
     pub fetch_jobs: u64,
+    /// Clients the daemon serves at once; read when it starts.
+    pub max_clients: u64,
+    /// Bytes of a run's output its log keeps, at most: the tail, after a line saying how
+    /// much was dropped.
+    pub log_max: u64,
 }
 
 impl Default for Settings {
@@ -127,6 +132,8 @@ impl Default for Settings {
             keepalive: 30,
             deploy_timeout: 3600,
             fetch_jobs: 8,
+            max_clients: 64,
+            log_max: 64 << 20,
             interval: 300,
             bucket: None,
         }
@@ -214,6 +221,12 @@ impl Settings {
         }
         if !(1..=64).contains(&self.fetch_jobs) {
             return value("fetch_jobs", "from 1 to 64");
+        }
+        if !(1..=4096).contains(&self.max_clients) {
+            return value("max_clients", "from 1 to 4096");
+        }
+        if !((64 << 10)..=(1 << 40)).contains(&self.log_max) {
+            return value("log_max", "from 65536 to 1099511627776 (bytes)");
         }
         if !(1..=7 * DAY).contains(&self.deploy_timeout) {
             return value("deploy_timeout", "from 1 to 604800 (seconds)");

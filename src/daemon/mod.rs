@@ -12,7 +12,8 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
@@ -106,10 +107,6 @@ fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
     Ok(cred.uid)
 }
 
-/// Clients served at once; beyond this a new one is told `error busy` and closed, so a
-/// flood of idle connections costs threads and descriptors up to here and no further.
-pub const MAX_CLIENTS: usize = 64;
-
 /// How long a client has to send its whole request line.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -124,11 +121,17 @@ impl Drop for Slot {
 
 /// Serve forever. `exe` is this program (for the pull's fetch workers).
 pub fn serve(listener: UnixListener, root: PathBuf, exe: PathBuf) -> ! {
+    // Clients served at once (`max_clients`); beyond it a new one is told `error busy` and
+    // closed, so a flood of idle connections costs threads and descriptors up to here and
+    // no further.
+    let max_clients = Node::open(&root)
+        .map(|n| n.settings.max_clients)
+        .unwrap_or(crate::settings::Settings::default().max_clients) as usize;
     let clients = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for conn in listener.incoming() {
         match conn {
             Ok(mut stream) => {
-                if clients.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= MAX_CLIENTS {
+                if clients.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= max_clients {
                     clients.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                     let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
                     send(&mut stream, &Reply::Error("busy".into()));
@@ -239,10 +242,57 @@ fn handle(mut stream: UnixStream, root: &Path, exe: &Path) {
     run_request(stream, node, request, &user, exe);
 }
 
+/// What the daemon holds for one client that has not read it yet, at most. A client that
+/// stops reading is dropped once this much waits for it; the run goes on and is recorded
+/// as usual (`troops log N` has it all).
+const CLIENT_BUFFER: usize = 1 << 20;
+
+/// The run's side of one client: replies go to the writer thread until the client falls
+/// [`CLIENT_BUFFER`] behind, then the connection is shut and nothing more is kept for it.
+struct Relay {
+    tx: mpsc::Sender<String>,
+    queued: Arc<AtomicUsize>,
+    dropped: Arc<AtomicBool>,
+    /// A second handle on the connection, to shut it while the writer is blocked on it.
+    stream: Option<UnixStream>,
+    user: String,
+}
+
+impl Relay {
+    fn send(&self, reply: &Reply) {
+        if self.dropped.load(Ordering::SeqCst) {
+            return;
+        }
+        let wire = reply.encode();
+        let size = wire.len();
+        if self.queued.fetch_add(size, Ordering::SeqCst) + size > CLIENT_BUFFER {
+            self.dropped.store(true, Ordering::SeqCst);
+            tracing::warn!(
+                "{} stopped reading the run's output; dropped the connection (the run goes on)",
+                self.user
+            );
+            if let Some(s) = &self.stream {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+            return;
+        }
+        let _ = self.tx.send(wire);
+    }
+}
+
 /// Run the request on this thread; a writer thread relays its output and keeps the line
-/// alive. A client that hangs up does not stop a run that has begun.
+/// alive. A client that hangs up or stops reading does not stop a run that has begun.
 fn run_request(stream: UnixStream, node: Node, request: Request, user: &str, exe: &Path) {
-    let (tx, rx) = mpsc::channel::<Reply>();
+    let (tx, rx) = mpsc::channel::<String>();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let dropped = Arc::new(AtomicBool::new(false));
+    let relay = Relay {
+        tx,
+        queued: queued.clone(),
+        dropped: dropped.clone(),
+        stream: stream.try_clone().ok(),
+        user: user.to_owned(),
+    };
     // Lines keep flowing at least this often, so ssh and git keep a long deploy's session.
     let keepalive = Duration::from_secs(node.settings.keepalive);
     let writer = std::thread::spawn(move || {
@@ -251,10 +301,11 @@ fn run_request(stream: UnixStream, node: Node, request: Request, user: &str, exe
         let started = Instant::now();
         loop {
             match rx.recv_timeout(keepalive) {
-                Ok(reply) => {
-                    let last = matches!(reply, Reply::Done { .. });
-                    alive = alive && send(&mut stream, &reply);
-                    if last {
+                Ok(wire) => {
+                    let last = wire.starts_with("done ");
+                    alive = alive && stream.write_all(wire.as_bytes()).is_ok();
+                    queued.fetch_sub(wire.len(), Ordering::SeqCst);
+                    if last || dropped.load(Ordering::SeqCst) {
                         break;
                     }
                 }
@@ -268,15 +319,12 @@ fn run_request(stream: UnixStream, node: Node, request: Request, user: &str, exe
         }
     });
     let result = {
-        let lock_tx = tx.clone();
         let lock = crate::lock::acquire(&node.layout.lock_file(), || {
-            let _ = lock_tx.send(Reply::Info(
+            relay.send(&Reply::Info(
                 "waiting for another troops run to finish".into(),
             ));
         });
-        let mut out = |line: &str| {
-            let _ = tx.send(Reply::Out(line.to_owned()));
-        };
+        let mut out = |line: &str| relay.send(&Reply::Out(line.to_owned()));
         match lock {
             Err(e) => Err(format!(
                 "failed to lock {}: {e}",
@@ -309,8 +357,8 @@ fn run_request(stream: UnixStream, node: Node, request: Request, user: &str, exe
         }
     };
     let (code, summary) = result.unwrap_or_else(|e| (1, e));
-    let _ = tx.send(Reply::Done { code, summary });
-    drop(tx);
+    relay.send(&Reply::Done { code, summary });
+    drop(relay);
     let _ = writer.join();
 }
 
