@@ -688,3 +688,32 @@ sys.stdout.write("%d bytes, done: %s" % (len(got), b"\ndone 0" in got))
     );
     assert_eq!(done, "False", "the client was kept to the end");
 }
+
+#[test]
+fn a_run_log_keeps_its_tail_within_log_max() {
+    let t = one_remote(&[]);
+    t.node.set("log_max", "65536");
+    t.up.write(
+        "deploy.py",
+        "for i in range(3000):\n    print('line %04d ' % i + 'y' * 100)\n",
+    );
+    t.ship("chatty");
+    let out = t.node.troops(&["pull"]).ok();
+    // Whoever is attached sees everything; the log keeps the tail.
+    assert!(out.stdout.contains("line 0000 "));
+    let log = std::fs::read_to_string(t.node.path("var/lib/troops/runs/1.log")).unwrap();
+    assert!(log.len() <= 65536 + 200, "the log is {} bytes", log.len());
+    let first = log.lines().next().unwrap();
+    assert!(
+        first.starts_with("troops: ") && first.contains("bytes of earlier output were dropped"),
+        "{first}"
+    );
+    assert!(!log.contains("line 0000 "));
+    assert!(log.contains("line 2999 "));
+    assert!(log.contains("troops: run 1: deployed"));
+    // Every kept line is whole.
+    assert!(
+        log.lines().skip(1).all(|l| !l.starts_with('y')),
+        "a line was cut"
+    );
+}

@@ -2,6 +2,7 @@
 //! run deploy.py, move `refs/troops/deployed` on success, and record the run either way.
 //! The caller holds the node lock.
 
+mod log;
 pub mod module;
 pub mod python;
 pub mod record;
@@ -9,8 +10,7 @@ pub mod runner;
 pub mod venv;
 mod worktree;
 
-use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
@@ -34,7 +34,7 @@ pub enum DeployError {
 
 /// Streams a run's output to its log file, the journal and whoever is attached.
 struct RunLog<'a> {
-    file: Option<File>,
+    file: Option<log::BoundedLog>,
     out: &'a mut dyn Output,
     commit: String,
     run_id: u64,
@@ -48,7 +48,7 @@ impl RunLog<'_> {
             self.last = Some(line.trim().to_owned());
         }
         if let Some(f) = &mut self.file {
-            let _ = writeln!(f, "{line}");
+            let _ = f.line(line);
         }
         tracing::info!(target: "troops::output", commit = %self.commit, run_id = self.run_id, "{line}");
         self.out.line(line);
@@ -57,7 +57,7 @@ impl RunLog<'_> {
     /// The run's last line when it failed: at error priority in the journal.
     fn failure(&mut self, line: &str) {
         if let Some(f) = &mut self.file {
-            let _ = writeln!(f, "{line}");
+            let _ = f.line(line);
         }
         tracing::error!(target: "troops::output", commit = %self.commit, run_id = self.run_id, "{line}");
         self.out.line(line);
@@ -133,7 +133,7 @@ pub fn deploy(
         output: store.log_path(id),
     };
     store.save(&record).map_err(record_err)?;
-    let file = File::create(store.log_path(id)).ok();
+    let file = log::BoundedLog::create(&store.log_path(id), settings.log_max).ok();
     let mut log = RunLog {
         file,
         out,
@@ -169,7 +169,7 @@ pub fn deploy(
         _ => {}
     }
     if let Some(f) = &log.file {
-        let _ = f.sync_all();
+        let _ = f.sync();
     }
     // The record is finished before `deployed` moves: a success that could not be recorded
     // (a full disk) is reported as a failure and tried again, never left "running" with the
