@@ -20,6 +20,7 @@ pub mod output;
 pub mod paths;
 pub mod procs;
 pub mod pull;
+pub mod repair;
 pub mod repo;
 pub mod rollout;
 pub mod seed;

@@ -15,6 +15,7 @@ use crate::gate::{Held, Rollout};
 use crate::node::Node;
 use crate::output::Output;
 use crate::paths::Layout;
+use crate::repair;
 use crate::repo::{CommitId, Repo, RepoError};
 use crate::target::{self, Offer, Standing};
 
@@ -30,6 +31,8 @@ pub enum PullError {
     Deploy(#[from] deploy::DeployError),
     #[error(transparent)]
     Gate(#[from] crate::gate::GateError),
+    #[error(transparent)]
+    Repair(#[from] crate::repair::RepairError),
     #[error("refusing to move the branch from {from} to {to}, which does not contain it")]
     NotForward { from: CommitId, to: CommitId },
     #[error("failed to write {path}: {source}")]
@@ -320,15 +323,18 @@ pub fn pull(
         return Err(PullError::NoRemotes(layout.repo().display().to_string()));
     }
     let branch_ref = format!("refs/heads/{}", settings.branch);
-    let repaired: Vec<String> = repo
+    let mut repaired: Vec<String> = repo
         .remove_stale_locks(STALE_LOCK)
         .into_iter()
-        .map(|p| {
-            let what = format!("removed a stale git lock, {p}, left by an interrupted run");
-            tracing::warn!("{what}");
-            what
-        })
+        .map(|p| format!("removed a stale git lock, {p}, left by an interrupted run"))
         .collect();
+    let before = repair::before_fetch(&layout.node_repo(), backoff::unix_now())?;
+    // The handle read the packs as they were; what was set aside must not be used.
+    let repo = match before.said.is_empty() {
+        true => repo,
+        false => Repo::open(&layout.node_repo())?,
+    };
+    repaired.extend(before.said);
     // What members pushed to the shared repo is fetched like one more remote, beside them;
     // unless its branch still names what root fetched from it last time (the usual poll).
     let known = repo.ref_target(&fetch::tracking_ref(fetch::PUSHED, &settings.branch))?;
@@ -354,6 +360,10 @@ pub fn pull(
         Some(tip) => Some(Fetched::Tip { tip }),
         None => fetched.pop().map(|f| f.fetched),
     };
+    repaired.extend(repair::after_fetch(&layout.node_repo())?);
+    for what in &repaired {
+        tracing::warn!("{what}");
+    }
 
     let start = repo.ref_target(&branch_ref)?;
     // A push applies at once (no rollout), with the same fast-forward and signature rules.

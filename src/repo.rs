@@ -769,6 +769,58 @@ impl Repo {
         Ok(())
     }
 
+    /// Every ref whose target object is not in the repository (a pack holding it was lost
+    /// or set aside): its name and the id it names.
+    pub fn refs_to_missing(&self) -> Result<Vec<(String, CommitId)>, RepoError> {
+        let platform = self
+            .repo
+            .references()
+            .map_err(self.err("list references"))?;
+        let mut missing = Vec::new();
+        for r in platform.all().map_err(self.err("list references"))? {
+            let Ok(r) = r else { continue };
+            if let Some(id) = r.target().try_id()
+                && !self.repo.has_object(id)
+            {
+                missing.push((r.name().as_bstr().to_string(), CommitId(id.to_owned())));
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Remove `name` if it still points at `expected`.
+    pub fn delete_ref(&self, name: &str, expected: CommitId) -> Result<(), RepoError> {
+        let edit = RefEdit {
+            change: Change::Delete {
+                expected: PreviousValue::MustExistAndMatch(gix::refs::Target::Object(expected.0)),
+                log: RefLog::AndReference,
+            },
+            name: name
+                .try_into()
+                .map_err(self.err(format!("use {name:?} as a reference name")))?,
+            deref: false,
+        };
+        self.repo
+            .edit_references([edit])
+            .map_err(self.err(format!("delete {name}")))?;
+        Ok(())
+    }
+
+    /// The id a ref names, without reading the object: still answers when the object is
+    /// lost. `Ok(None)` if the ref does not exist or is symbolic.
+    pub fn ref_id(&self, name: &str) -> Result<Option<CommitId>, RepoError> {
+        let r = self
+            .repo
+            .try_find_reference(name)
+            .map_err(self.err(format!("read {name}")))?;
+        Ok(r.and_then(|r| r.target().try_id().map(|id| CommitId(id.to_owned()))))
+    }
+
+    /// Whether the object `id` is in the repository.
+    pub fn has(&self, id: CommitId) -> bool {
+        self.repo.has_object(id.0)
+    }
+
     /// The commit a ref points at, peeled; `Ok(None)` if the ref does not exist.
     pub fn ref_target(&self, name: &str) -> Result<Option<CommitId>, RepoError> {
         let Some(mut r) = self

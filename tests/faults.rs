@@ -717,3 +717,68 @@ fn a_run_log_keeps_its_tail_within_log_max() {
         "a line was cut"
     );
 }
+
+/// The node repository's packs, with their index files.
+fn packs(node: &Node) -> Vec<std::path::PathBuf> {
+    let dir = node.state_repo().join("objects/pack");
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "pack"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn a_damaged_object_store_is_repaired_from_the_remotes(damage: fn(&std::path::Path)) {
+    let t = one_remote(&[]);
+    t.up.write("deploy.py", &simple_deploy("one"));
+    t.ship("one");
+    t.node.troops(&["pull"]).ok();
+    let found = packs(&t.node);
+    assert!(!found.is_empty(), "the fetch left no pack");
+    for p in &found {
+        damage(p);
+    }
+    // Status still reports, and says what is wrong.
+    let status = t.node.troops(&["status"]);
+    assert_eq!(status.code, 0, "{}", status.all());
+    assert!(status.stdout.contains("DAMAGED "), "{}", status.all());
+    t.up.write("deploy.py", &simple_deploy("two"));
+    let two = t.ship("two");
+    let out = t.node.troops(&["pull"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(out.all().contains("repaired"), "{}", out.all());
+    assert_eq!(t.node.deployed().as_ref(), Some(&two));
+    assert_eq!(t.node.read("out/tag").as_deref(), Some("two"));
+    let status = t.node.troops(&["status"]).ok();
+    assert!(!status.stdout.contains("DAMAGED"), "{}", status.stdout);
+    let fsck = Command::new("git")
+        .arg("--git-dir")
+        .arg(t.node.state_repo())
+        .args(["fsck", "--connectivity-only", "--no-dangling"])
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+}
+
+#[test]
+fn a_truncated_pack_is_repaired_from_the_remotes() {
+    a_damaged_object_store_is_repaired_from_the_remotes(|pack| {
+        let len = std::fs::metadata(pack).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(pack).unwrap();
+        f.set_len(len / 2).unwrap();
+    });
+}
+
+#[test]
+fn a_lost_pack_index_is_repaired_from_the_remotes() {
+    a_damaged_object_store_is_repaired_from_the_remotes(|pack| {
+        std::fs::remove_file(pack.with_extension("idx")).unwrap();
+    });
+}

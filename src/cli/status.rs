@@ -18,10 +18,35 @@ pub struct Args {
 pub fn run(root: &Path, args: &Args) -> Result<u8> {
     let node = Node::open(root)?;
     let layout = &node.layout;
-    let repo = Repo::open(&layout.node_repo())?;
     let branch = &node.settings.branch;
-    let head = repo.ref_target(&format!("refs/heads/{branch}"))?;
-    let deployed = repo.ref_target(DEPLOYED_REF)?;
+    // Status reports on a damaged repository too: what is wrong is part of the report.
+    let mut damage: Vec<String> =
+        troops::repair::damaged_packs(&layout.node_repo().join("objects/pack"))
+            .into_iter()
+            .map(|d| format!("{}: {}", d.pack.display(), d.why))
+            .collect();
+    let (head, deployed) =
+        match Repo::open(&layout.node_repo()) {
+            Ok(repo) => {
+                match repo.refs_to_missing() {
+                    Ok(missing) => damage.extend(missing.into_iter().map(|(name, id)| {
+                        format!("{name} names {}, which is missing", id.short())
+                    })),
+                    Err(e) => damage.push(e.to_string()),
+                }
+                let mut read = |name: &str| {
+                    repo.ref_id(name).unwrap_or_else(|e| {
+                        damage.push(e.to_string());
+                        None
+                    })
+                };
+                (read(&format!("refs/heads/{branch}")), read(DEPLOYED_REF))
+            }
+            Err(e) => {
+                damage.push(e.to_string());
+                (None, None)
+            }
+        };
     let last = RunStore::new(layout.runs()).latest();
     let pull = PullReport::load(&layout.pull_report());
     let remotes: Vec<(String, String)> = troops::repo::remote_urls(&layout.repo().join("config"))?
@@ -39,6 +64,7 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
             "remotes": remotes.iter().map(|(n, u)| json!({"name": n, "url": u})).collect::<Vec<_>>(),
             "last_run": last,
             "last_pull": pull,
+            "damage": damage,
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(0);
@@ -55,6 +81,9 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
         }
     );
     println!("roles     {}", node.settings.roles.join(" "));
+    for d in &damage {
+        println!("DAMAGED   {d} (the next pull repairs it from the remotes)");
+    }
     if let Some(r) = &last {
         println!("last      {}", super::run_summary(r));
     }
