@@ -26,8 +26,9 @@ need_apt() {
 # systemd-socket-activate, to test the daemon taking its socket the way troops.socket hands it.
 # lintian: the package check (packaging/check-deb). debootstrap, systemd-container
 # (systemd-nspawn) and iproute2: the booted test's Debian images, nodes and their network.
+# faketime: the fault suite runs troops with its clock before 1970 and after 9999.
 need_apt git python3 python3-venv openssh-client openssh-server passwd procps ca-certificates gzip systemd gnupg lintian \
-    debootstrap systemd-container iproute2 util-linux
+    debootstrap systemd-container iproute2 util-linux faketime
 
 if ! command -v cargo >/dev/null; then
     # shellcheck disable=SC1091

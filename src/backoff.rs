@@ -13,12 +13,6 @@ pub struct RetryState {
     pub last_failure: u64,
 }
 
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// Seconds to wait after the `failures`-th failure.
 pub fn delay(failures: u32, min: u64, max: u64) -> u64 {
     let doublings = failures.saturating_sub(1).min(63);

@@ -4,6 +4,7 @@
 pub mod accounts;
 pub mod advance;
 pub mod backoff;
+pub mod clock;
 pub mod credentials;
 pub mod daemon;
 pub mod deploy;

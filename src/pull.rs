@@ -33,6 +33,8 @@ pub enum PullError {
     Gate(#[from] crate::gate::GateError),
     #[error(transparent)]
     Repair(#[from] crate::repair::RepairError),
+    #[error(transparent)]
+    Clock(#[from] crate::clock::ClockError),
     #[error("refusing to move the branch from {from} to {to}, which does not contain it")]
     NotForward { from: CommitId, to: CommitId },
     #[error("failed to write {path}: {source}")]
@@ -247,7 +249,7 @@ pub fn take_push_and_deploy(
     );
     let local = repo.ref_target(&format!("refs/heads/{}", node.settings.branch))?;
     let pushed = fetched.pop().map(|f| f.fetched);
-    let now = backoff::unix_now() as i64;
+    let now = crate::clock::unix_now()? as i64;
     let (head, held) = take_pushed(node, &repo, local, pushed, now)?;
     if let Some(h) = held {
         anyhow::bail!("{}", h.reason);
@@ -317,6 +319,8 @@ pub fn pull(
 ) -> Result<PullOutcome, PullError> {
     let layout = &node.layout;
     let settings = &node.settings;
+    // Retries and repairs are stamped with it: a clock out of range stops here, said.
+    let clock = crate::clock::unix_now()?;
     let repo = Repo::open(&layout.node_repo())?;
     let remotes = crate::repo::remote_urls(&layout.repo().join("config"))?;
     if remotes.is_empty() {
@@ -328,7 +332,7 @@ pub fn pull(
         .into_iter()
         .map(|p| format!("removed a stale git lock, {p}, left by an interrupted run"))
         .collect();
-    let before = repair::before_fetch(&layout.node_repo(), backoff::unix_now())?;
+    let before = repair::before_fetch(&layout.node_repo(), clock)?;
     // The handle read the packs as they were; what was set aside must not be used.
     let repo = match before.said.is_empty() {
         true => repo,
@@ -475,7 +479,7 @@ pub fn pull(
         );
     }
     let mut report = PullReport {
-        time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        time: crate::clock::now_rfc3339(),
         branch: settings.branch.clone(),
         remotes: remotes_report,
         from: start,
@@ -492,18 +496,15 @@ pub fn pull(
     let mut run = None;
     if let Some(head) = head.filter(|h| Some(*h) != deployed) {
         let retry = load_retry(layout);
-        let now = backoff::unix_now();
         match backoff::retry_at(
             retry.as_ref(),
             head,
-            now,
+            clock,
             settings.retry_min,
             settings.retry_max,
         ) {
             Some(at) => {
-                let when = humantime::format_rfc3339_seconds(
-                    std::time::UNIX_EPOCH + Duration::from_secs(at),
-                );
+                let when = crate::clock::rfc3339(at);
                 let msg = format!(
                     "deploy of {} failed {} time(s); next attempt after {when}",
                     head.short(),
@@ -541,7 +542,9 @@ fn deploy_tracked(
     if record.result == deploy::record::Outcome::Success {
         let _ = std::fs::remove_file(layout.retry_state());
     } else {
-        let state = backoff::record_failure(retry, head, backoff::unix_now());
+        // A clock out of range counts as 1970: the next pull retries at once.
+        let now = crate::clock::unix_now().unwrap_or(0);
+        let state = backoff::record_failure(retry, head, now);
         save_json(&layout.retry_state(), &state)?;
     }
     Ok(record)

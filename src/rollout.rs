@@ -124,15 +124,9 @@ pub fn bucket(machine_id: &str) -> u8 {
 /// When a hold lifts, for people: `from <RFC 3339>`, or `never` past what a calendar date
 /// can show (year 9999; a schedule of `100% after 1000000y` or a commit dated year 10000).
 pub fn eligible_text(at: i64) -> String {
-    const LAST: i64 = 253_402_300_799; // 9999-12-31T23:59:59Z
     match u64::try_from(at) {
-        _ if at > LAST => "never".into(),
-        Ok(secs) => format!(
-            "from {}",
-            humantime::format_rfc3339_seconds(
-                std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs)
-            )
-        ),
+        _ if at > crate::clock::LAST as i64 => "never".into(),
+        Ok(secs) => format!("from {}", crate::clock::rfc3339(secs)),
         Err(_) => "now".into(),
     }
 }

@@ -169,8 +169,11 @@ pub fn refusal_reason(stderr: &str) -> String {
         unix.parse::<u64>()
             .ok()
             .map(|s| {
-                let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(s);
-                humantime::format_rfc3339_seconds(t).to_string()[..10].to_owned()
+                let t = crate::clock::rfc3339(s);
+                t.get(..10)
+                    .filter(|_| s <= crate::clock::LAST)
+                    .unwrap_or(&t)
+                    .to_owned()
             })
             .unwrap_or_else(|| unix.to_owned())
     };

@@ -782,3 +782,44 @@ fn a_lost_pack_index_is_repaired_from_the_remotes() {
         std::fs::remove_file(pack.with_extension("idx")).unwrap();
     });
 }
+
+#[test]
+fn a_clock_before_1970_or_after_9999_is_survived() {
+    let t = one_remote(&[]);
+    t.up.write(
+        "deploy.py",
+        "raise SystemExit('fails, so a retry time is written')\n",
+    );
+    t.ship("fails");
+    // faketime(1) runs troops with its clock set; the test's own clock is untouched.
+    let at_time = |at: &str, args: &[&str]| -> Run {
+        let mut c = Command::new("faketime");
+        c.arg("-f")
+            .arg(at)
+            .arg(&t.node.exe)
+            .arg("--root")
+            .arg(&t.node.root);
+        c.args(args)
+            .env_remove("TROOPS_ROOT")
+            .env_remove("JOURNAL_STREAM");
+        c.output().unwrap().into()
+    };
+    // Before 1970, and about year 10005.
+    for at in ["@1969-07-20 20:17:40", "+7980y"] {
+        let out = at_time(at, &["pull"]);
+        assert!(!out.all().contains("panicked"), "{at}:\n{}", out.all());
+        assert_eq!(out.code, 1, "{at}:\n{}", out.all());
+        assert!(
+            out.stderr.contains("the system clock reads"),
+            "{at}:\n{}",
+            out.all()
+        );
+        let status = at_time(at, &["status"]);
+        assert_eq!(status.code, 0, "{at}:\n{}", status.all());
+    }
+    // With the clock right again, the node works as before.
+    t.up.write("deploy.py", &simple_deploy("fine"));
+    let fine = t.ship("fine");
+    t.node.troops(&["pull"]).ok();
+    assert_eq!(t.node.deployed().as_ref(), Some(&fine));
+}

@@ -17,7 +17,7 @@ pub fn run(root: &Path, now: Option<i64>, stdout_is_journal: bool) -> Result<u8>
         &node,
         &exe,
         "pull",
-        now.unwrap_or(troops::backoff::unix_now() as i64),
+        now.map_or_else(|| troops::clock::unix_now().map(|s| s as i64), Ok)?,
         out.as_mut(),
     )?;
     let (code, summary) = outcome.verdict();

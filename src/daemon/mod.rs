@@ -343,15 +343,19 @@ fn run_request(stream: UnixStream, node: Node, request: Request, user: &str, exe
                     &mut out,
                 )
                 .map_err(|e| format!("{e:#}")),
-                Request::Pull => crate::pull::pull(
-                    &node,
-                    exe,
-                    &format!("pull by {user}"),
-                    crate::backoff::unix_now() as i64,
-                    &mut out,
-                )
-                .map(|o| o.verdict())
-                .map_err(|e| e.to_string()),
+                Request::Pull => crate::clock::unix_now()
+                    .map_err(crate::pull::PullError::from)
+                    .and_then(|now| {
+                        crate::pull::pull(
+                            &node,
+                            exe,
+                            &format!("pull by {user}"),
+                            now as i64,
+                            &mut out,
+                        )
+                    })
+                    .map(|o| o.verdict())
+                    .map_err(|e| e.to_string()),
                 Request::Status => status_line(&node),
             },
         }

@@ -12,7 +12,7 @@ mod worktree;
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use thiserror::Error;
 
@@ -122,7 +122,7 @@ pub fn deploy(
         commit,
         previous,
         trigger: trigger.to_owned(),
-        started: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        started: crate::clock::now_rfc3339(),
         duration_ms: 0,
         result: Outcome::Running,
         exit_code: None,
