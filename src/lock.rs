@@ -13,6 +13,17 @@ pub struct NodeLock {
     _file: File,
 }
 
+/// Whether a run holds the lock now; `None` when that cannot be told (no lock file, or
+/// none this user may open).
+pub fn is_held(path: &Path) -> Option<bool> {
+    let file = File::open(path).ok()?;
+    match file.try_lock_shared() {
+        Ok(()) => Some(false),
+        Err(std::fs::TryLockError::WouldBlock) => Some(true),
+        Err(std::fs::TryLockError::Error(_)) => None,
+    }
+}
+
 /// Take the lock, calling `on_wait` once if another run holds it, then waiting for it.
 pub fn acquire(path: &Path, on_wait: impl FnOnce()) -> io::Result<NodeLock> {
     if let Some(dir) = path.parent() {

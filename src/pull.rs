@@ -332,6 +332,13 @@ pub fn pull(
         .into_iter()
         .map(|p| format!("removed a stale git lock, {p}, left by an interrupted run"))
         .collect();
+    // A run the last agent left "running" is said to be over before anything else.
+    deploy::record::RunStore::new(layout.runs())
+        .mark_interrupted()
+        .map_err(|source| PullError::State {
+            path: layout.runs().display().to_string(),
+            source,
+        })?;
     let before = repair::before_fetch(&layout.node_repo(), clock)?;
     // The handle read the packs as they were; what was set aside must not be used.
     let repo = match before.said.is_empty() {

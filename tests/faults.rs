@@ -823,3 +823,26 @@ fn a_clock_before_1970_or_after_9999_is_survived() {
     t.node.troops(&["pull"]).ok();
     assert_eq!(t.node.deployed().as_ref(), Some(&fine));
 }
+
+#[test]
+fn a_run_killed_with_the_agent_is_reported_interrupted_at_once() {
+    let t = one_remote(&[]);
+    t.up.write(
+        "deploy.py",
+        "import time\nprint('working', flush=True)\ntime.sleep(4848)\n",
+    );
+    t.ship("slow");
+    let mut agent = t.node.spawn(&["pull"]);
+    t.node.wait_for_log(1, "working");
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    // Nobody holds the node lock: the run is over, whatever its record last said.
+    let status = t.node.status();
+    assert_eq!(status["last_run"]["result"], "interrupted", "{status}");
+    assert_eq!(t.node.runs()[0]["result"], "interrupted");
+    let text = t.node.troops(&["status"]).ok().stdout;
+    assert!(text.contains("run 1 interrupted"), "{text}");
+    let _ = Command::new("pkill")
+        .args(["-f", "time.sleep(4848)"])
+        .status();
+}

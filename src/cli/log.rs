@@ -15,11 +15,15 @@ pub struct Args {
 }
 
 pub fn run(root: &Path, args: &Args) -> Result<u8> {
-    let store = RunStore::new(Layout::new(root).runs());
+    let layout = Layout::new(root);
+    let store = RunStore::new(layout.runs());
+    // A record still "running" while no run holds the lock is one whose agent died.
+    let lock_free = troops::lock::is_held(&layout.lock_file()) == Some(false);
     if let Some(id) = args.run {
         let record = store
             .load(id)
-            .with_context(|| format!("no run {id} in {}", store.dir().display()))?;
+            .with_context(|| format!("no run {id} in {}", store.dir().display()))?
+            .settled(lock_free);
         if args.json {
             println!("{}", serde_json::to_string_pretty(&record)?);
             return Ok(0);
@@ -35,7 +39,11 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
         .with_context(|| format!("failed to read {}", record.output.display()))?;
         return Ok(0);
     }
-    let runs = store.list();
+    let runs: Vec<_> = store
+        .list()
+        .into_iter()
+        .map(|r| r.settled(lock_free))
+        .collect();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&runs)?);
         return Ok(0);

@@ -47,7 +47,10 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
                 (None, None)
             }
         };
-    let last = RunStore::new(layout.runs()).latest();
+    let lock_free = troops::lock::is_held(&layout.lock_file()) == Some(false);
+    let last = RunStore::new(layout.runs())
+        .latest()
+        .map(|r| r.settled(lock_free));
     let pull = PullReport::load(&layout.pull_report());
     let remotes: Vec<(String, String)> = troops::repo::remote_urls(&layout.repo().join("config"))?
         .into_iter()

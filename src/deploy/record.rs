@@ -62,6 +62,16 @@ pub struct RunRecord {
 }
 
 impl RunRecord {
+    /// The record as it stands when no run holds the node lock: one still marked running
+    /// belongs to an agent that died (kill -9, a power cut), and says so.
+    pub fn settled(mut self, lock_free: bool) -> Self {
+        if lock_free && self.result == Outcome::Running {
+            self.result = Outcome::Interrupted;
+            self.error = Some(INTERRUPTED.into());
+        }
+        self
+    }
+
     /// The exit status and the one line that ends a run: what a pusher sees last.
     pub fn verdict(&self) -> (u8, String) {
         match self.result {
@@ -85,6 +95,8 @@ impl RunRecord {
         }
     }
 }
+
+const INTERRUPTED: &str = "the run was interrupted before it finished";
 
 /// The largest run id troops counts with (2^53 - 1, exact in JSON readers too).
 pub const MAX_ID: u64 = (1 << 53) - 1;
@@ -157,17 +169,14 @@ impl RunStore {
             .find_map(|id| self.load(id).ok())
     }
 
-    /// Records still marked running belong to runs that died, since the caller holds the
-    /// lock: say so instead of leaving them running forever.
+    /// A record still marked running belongs to a run that died, since the caller holds
+    /// the lock: say so instead of leaving it running forever. Runs are one at a time, so
+    /// only the newest can be one.
     pub fn mark_interrupted(&self) -> std::io::Result<()> {
-        for id in self.ids() {
-            if let Ok(mut r) = self.load(id)
-                && r.result == Outcome::Running
-            {
-                r.result = Outcome::Interrupted;
-                r.error = Some("the run was interrupted before it finished".into());
-                self.save(&r)?;
-            }
+        if let Some(r) = self.latest()
+            && r.result == Outcome::Running
+        {
+            self.save(&r.settled(true))?;
         }
         Ok(())
     }
