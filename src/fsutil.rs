@@ -29,6 +29,28 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     result
 }
 
+/// Whether `name` is one of [`write_atomic`]'s temp files.
+pub fn is_temp(name: &str) -> bool {
+    name.starts_with('.')
+        && name
+            .rsplit_once(".tmp-")
+            .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Remove the temp files a killed [`write_atomic`] left in `dir`. Call only while nothing
+/// else writes there (troops holds the node lock). The names removed.
+pub fn sweep_temps(dir: &Path) -> Vec<String> {
+    let mut removed = Vec::new();
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let file = entry.file_type().is_ok_and(|t| t.is_file());
+        if is_temp(&name) && file && fs::remove_file(entry.path()).is_ok() {
+            removed.push(name);
+        }
+    }
+    removed
+}
+
 /// Make a rename or creation inside `dir` durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -41,4 +63,16 @@ pub fn create_dirs(path: &Path, mode: u32) -> io::Result<()> {
         .recursive(true)
         .mode(mode)
         .create(path)
+}
+
+#[cfg(test)]
+mod temp_tests {
+    #[test]
+    fn only_write_atomic_temps_are_temps() {
+        assert!(super::is_temp(".pull.json.tmp-4242"));
+        assert!(!super::is_temp("pull.json.tmp-4242"));
+        assert!(!super::is_temp(".pull.json.tmp-"));
+        assert!(!super::is_temp(".x.tmp-12a"));
+        assert!(!super::is_temp(".troops-ready"));
+    }
 }

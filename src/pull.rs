@@ -81,10 +81,6 @@ pub struct PullReport {
     pub repaired: Vec<String>,
 }
 
-/// A git lock file this old, found while troops holds the node lock, is left by a process
-/// that died: nothing else writes root's repository.
-const STALE_LOCK: Duration = Duration::from_secs(600);
-
 impl PullReport {
     pub fn load(path: &Path) -> Option<PullReport> {
         serde_json::from_slice(&std::fs::read(path).ok()?).ok()
@@ -328,10 +324,16 @@ pub fn pull(
     }
     let branch_ref = format!("refs/heads/{}", settings.branch);
     let mut repaired: Vec<String> = repo
-        .remove_stale_locks(STALE_LOCK)
+        .remove_stale_locks(Duration::from_secs(settings.stale_lock))
         .into_iter()
         .map(|p| format!("removed a stale git lock, {p}, left by an interrupted run"))
         .collect();
+    // What a killed write left half-done, in troops' own state: nothing writes there now.
+    for dir in [layout.state_dir(), layout.node_repo()] {
+        for name in fsutil::sweep_temps(&dir) {
+            repaired.push(format!("removed {name}, left by an interrupted write"));
+        }
+    }
     // A run the last agent left "running" is said to be over before anything else.
     deploy::record::RunStore::new(layout.runs())
         .mark_interrupted()
@@ -566,7 +568,7 @@ pub struct NothingToDeploy(pub String);
 pub fn deploy_head(node: &Node, trigger: &str, out: &mut dyn Output) -> anyhow::Result<RunRecord> {
     let layout = &node.layout;
     let repo = Repo::open(&layout.node_repo())?;
-    for p in repo.remove_stale_locks(STALE_LOCK) {
+    for p in repo.remove_stale_locks(Duration::from_secs(node.settings.stale_lock)) {
         tracing::warn!("removed a stale git lock, {p}, left by an interrupted run");
     }
     let branch = &node.settings.branch;

@@ -105,6 +105,9 @@ pub struct Settings {
     pub deploy_timeout: u64,
     /// Remotes fetched at once, at most.
     pub fetch_jobs: u64,
+    /// Seconds a git lock file in the node's repository must have been left before troops,
+    /// holding the node lock, removes it as stale (a crash left it).
+    pub stale_lock: u64,
     /// Clients the daemon serves at once; read when it starts.
     pub max_clients: u64,
     /// Bytes of a run's output its log keeps, at most: the tail, after a line saying how
@@ -133,6 +136,7 @@ impl Default for Settings {
             deploy_timeout: 3600,
             fetch_jobs: 8,
             max_clients: 64,
+            stale_lock: 600,
             log_max: 64 << 20,
             interval: 300,
             bucket: None,
@@ -221,6 +225,9 @@ impl Settings {
         }
         if !(1..=64).contains(&self.fetch_jobs) {
             return value("fetch_jobs", "from 1 to 64");
+        }
+        if self.stale_lock > DAY {
+            return value("stale_lock", "at most 86400 (seconds)");
         }
         if !(1..=4096).contains(&self.max_clients) {
             return value("max_clients", "from 1 to 4096");

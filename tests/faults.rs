@@ -668,14 +668,15 @@ sys.stdout.write("%d bytes, done: %s" % (len(got), b"\ndone 0" in got))
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while !(t.node.runs().len() == 2 && t.node.runs()[0]["result"] != "running") {
+    // runs() is oldest first: run 2 is the daemon's.
+    while !(t.node.runs().len() == 2 && t.node.runs()[1]["result"] != "running") {
         assert!(
             std::time::Instant::now() < deadline,
             "the deploy never ended"
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let record = &t.node.runs()[0];
+    let record = &t.node.runs()[1];
     assert_eq!(record["result"], "success", "{record}");
     assert_eq!(record["commit"], c.as_str());
     std::fs::write(&ended, "").unwrap();
@@ -845,4 +846,110 @@ fn a_run_killed_with_the_agent_is_reported_interrupted_at_once() {
     let _ = Command::new("pkill")
         .args(["-f", "time.sleep(4848)"])
         .status();
+}
+
+/// Files under `dir` (recursively) whose names say they were left half-done.
+fn leftovers_under(dir: &std::path::Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.file_type().unwrap().is_dir() {
+                // Checkouts hold what deploy.py wrote, venvs what pip did (checked apart);
+                // objects are git's.
+                if !["work", "venvs", "objects"].contains(&name.as_str()) {
+                    stack.push(p);
+                }
+                continue;
+            }
+            let half = name.contains(".tmp-")
+                || name.ends_with(".tmp")
+                || name.ends_with(".context.json")
+                || name.ends_with(".results.json")
+                || (name.ends_with(".lock") && name != "troops-fetch.lock");
+            if half {
+                found.push(p.display().to_string());
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn fifty_kills_at_random_moments_leave_a_node_that_deploys_the_head_once() {
+    let t = one_remote(&[]);
+    // Every git lock found under the node lock counts as stale here: the kills leave them.
+    t.node.set("stale_lock", "0");
+    let mut seed: u64 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("kill loop seed {seed}");
+    let mut random = move |below: u64| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) % below
+    };
+    let deploy = r#"import pathlib, troops
+out = pathlib.Path(troops.root, "out")
+out.mkdir(exist_ok=True)
+with open(out / "deploys", "a") as f:
+    f.write(troops.commit + "\n")
+print("deployed", troops.commit)
+"#;
+    t.up.write("deploy.py", deploy);
+    for round in 0..50 {
+        // Now and then a new requirements.txt, so that some kills land in a venv build.
+        if round % 10 == 0 {
+            t.up.write("requirements.txt", &format!("# round {round}\n"));
+        }
+        t.ship(&format!("round {round}"));
+        let mut agent = t.node.spawn(&["pull"]);
+        std::thread::sleep(std::time::Duration::from_millis(random(1500)));
+        let _ = agent.kill();
+        let _ = agent.wait();
+    }
+    let head = t.up.head();
+    let before = t.node.runs().len();
+    let out = t.node.troops(&["pull"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_eq!(t.node.deployed().as_ref(), Some(&head));
+    assert_eq!(t.node.head().as_ref(), Some(&head));
+    let runs = t.node.runs();
+    assert!(runs.len() <= before + 1, "more than one run for the head");
+    // Once: the next pull has nothing to do.
+    t.node.troops(&["pull"]).ok();
+    assert_eq!(t.node.runs().len(), runs.len());
+    assert!(runs.iter().all(|r| r["result"] != "running"), "{runs:?}");
+    let deploys = t.node.read("out/deploys").unwrap_or_default();
+    assert!(deploys.lines().filter(|l| *l == head).count() >= 1);
+    // Nothing stale: processes, half-built venvs, scratch and temp files, git locks.
+    let root = t.node.root.display().to_string();
+    assert!(!alive(&root), "a process of the node outlived the kills");
+    for v in std::fs::read_dir(t.node.path("var/lib/troops/venvs"))
+        .unwrap()
+        .flatten()
+    {
+        assert!(
+            v.path().join(".troops-ready").exists(),
+            "{} is half-built",
+            v.path().display()
+        );
+    }
+    let left = leftovers_under(&t.node.path("var/lib/troops"));
+    assert!(left.is_empty(), "left behind: {left:#?}");
+    let fsck = Command::new("git")
+        .arg("--git-dir")
+        .arg(t.node.state_repo())
+        .args(["fsck", "--no-dangling"])
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stderr)
+    );
 }

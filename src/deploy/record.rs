@@ -187,7 +187,10 @@ impl RunStore {
         let mut removed = Vec::new();
         for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let scratch = name.ends_with(".context.json") || name.ends_with(".results.json");
+            let scratch = name.ends_with(".context.json")
+                || name.ends_with(".results.json")
+                || name.ends_with(".log.tmp")
+                || fsutil::is_temp(&name);
             if scratch && fs::remove_file(entry.path()).is_ok() {
                 removed.push(name);
             }
