@@ -953,3 +953,60 @@ print("deployed", troops.commit)
         String::from_utf8_lossy(&fsck.stderr)
     );
 }
+
+#[test]
+fn an_upgraded_daemon_leaves_once_idle_for_the_new_program() {
+    use std::io::{Read, Write};
+    let t = one_remote(&[]);
+    // The daemon runs from a copy that an "upgrade" replaces the way dpkg does: a new file
+    // renamed over the old.
+    let bin = t.node.path("usr-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let exe = bin.join("troops");
+    std::fs::copy(&t.node.exe, &exe).unwrap();
+    let mut daemon = Command::new(&exe)
+        .arg("--root")
+        .arg(&t.node.root)
+        .arg("serve")
+        .env_remove("TROOPS_ROOT")
+        .spawn()
+        .unwrap();
+    let socket = t.node.path("run/troops/troops.sock");
+    let ask = || {
+        let mut c = std::os::unix::net::UnixStream::connect(&socket).ok()?;
+        c.write_all(b"troops/1 status\n").ok()?;
+        let mut reply = String::new();
+        c.read_to_string(&mut reply).ok()?;
+        Some(reply)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while ask().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon did not come up"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Not upgraded: it stays.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        daemon.try_wait().unwrap().is_none(),
+        "the daemon left unasked"
+    );
+    std::fs::copy(&t.node.exe, bin.join("troops.new")).unwrap();
+    std::fs::rename(bin.join("troops.new"), &exe).unwrap();
+    let reply = ask().expect("the upgraded daemon still answers its next client");
+    assert!(reply.starts_with("done 0"), "{reply}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = daemon.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = daemon.kill();
+            panic!("the daemon kept running the replaced program");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+}

@@ -139,9 +139,16 @@ pub fn serve(listener: UnixListener, root: PathBuf, exe: PathBuf) -> ! {
                 }
                 let slot = Slot(clients.clone());
                 let (root, exe) = (root.clone(), exe.clone());
+                let count = clients.clone();
                 std::thread::spawn(move || {
-                    let _slot = slot;
-                    handle(stream, &root, &exe)
+                    handle(stream, &root, &exe);
+                    drop(slot);
+                    // A package upgrade replaced this program while it served: leave once
+                    // idle, and the socket starts the new one for the next client.
+                    if count.load(std::sync::atomic::Ordering::SeqCst) == 0 && replaced() {
+                        tracing::info!("this program was upgraded; exiting for the new one");
+                        std::process::exit(0);
+                    }
                 });
             }
             Err(e) => {
@@ -151,6 +158,12 @@ pub fn serve(listener: UnixListener, root: PathBuf, exe: PathBuf) -> ! {
         }
     }
     unreachable!("incoming() never ends")
+}
+
+/// Whether the file this process was started from has been replaced (dpkg unlinks the old
+/// one and renames the new into place): the kernel then says so in /proc/self/exe.
+fn replaced() -> bool {
+    std::fs::read_link("/proc/self/exe").is_ok_and(|p| p.to_string_lossy().ends_with(" (deleted)"))
 }
 
 /// Read the request line, refusing more than MAX_REQUEST bytes and a client that has not

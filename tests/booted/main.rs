@@ -91,10 +91,14 @@ impl Work {
 }
 
 /// deploy.py: leaves what it saw where the test can read it, and says so on stdout.
-const DEPLOY_PY: &str = r#"import json, os, sys
+const DEPLOY_PY: &str = r#"import json, os, sys, time
 import troops
 
 os.makedirs("/var/lib/e2e", exist_ok=True)
+# A commit carrying `slow` deploys slowly: the package upgrade happens while it runs.
+if os.path.exists("slow"):
+    print("e2e: slow deploy of", troops.commit, flush=True)
+    time.sleep(float(open("slow").read()))
 seen = {
     "commit": troops.commit,
     "hostname": troops.hostname(),
@@ -106,6 +110,32 @@ with open("/var/lib/e2e/deployed.json.tmp", "w") as f:
 os.replace("/var/lib/e2e/deployed.json.tmp", "/var/lib/e2e/deployed.json")
 print("e2e: deployed", troops.commit, "on", troops.hostname())
 "#;
+
+/// `deb` repacked with a higher version, as the next release would be: (path, version).
+fn newer_deb(deb: &Path, dir: &Path) -> (PathBuf, String) {
+    let tree = dir.join("newer-deb");
+    let _ = fs::remove_dir_all(&tree);
+    run(Command::new("dpkg-deb").arg("-R").arg(deb).arg(&tree));
+    let control = tree.join("DEBIAN/control");
+    let text = fs::read_to_string(&control).unwrap();
+    let old = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Version: "))
+        .expect("a Version field")
+        .to_owned();
+    let version = format!("{old}+newer1");
+    fs::write(
+        &control,
+        text.replace(&format!("Version: {old}"), &format!("Version: {version}")),
+    )
+    .unwrap();
+    let out = dir.join("troops-newer.deb");
+    run(Command::new("dpkg-deb")
+        .args(["-b", "--root-owner-group"])
+        .arg(&tree)
+        .arg(&out));
+    (out, version)
+}
 
 fn deployed(node: &Node) -> Option<serde_json::Value> {
     let text = fs::read_to_string(node.path("/var/lib/e2e/deployed.json")).ok()?;
@@ -407,6 +437,56 @@ fn nodes_boot_install_the_package_and_deploy_themselves() {
     );
     wait_deployed(cloud, &c3);
     record_of(cloud, &c3, "push by ops");
+
+    // 4. unattended-upgrades installs a newer .deb (this tree, a higher version) while a
+    // slow deploy runs: the deploy finishes and is recorded a success, nothing else starts,
+    // settings, key, venvs and run history are as they were.
+    let imds = lab.node("imds");
+    let newer = newer_deb(&deb, &lab.dir);
+    fs::copy(&newer.0, imds.path("/var/tmp/troops-newer.deb")).unwrap();
+    fs::write(work.dir.join("slow"), "20").unwrap();
+    let c4 = work.commit("slow");
+    work.push(&lab, &format!("git@{gitsrv_ip}:deploy"));
+    wait_for(
+        Duration::from_secs(120),
+        &format!("imds to start the slow deploy of {c4}"),
+        || {
+            let out = imds.sh(&format!(
+                "grep -l 'e2e: slow deploy of {c4}' /var/lib/troops/runs/*.log"
+            ));
+            out.status.success().then_some(())
+        },
+    );
+    let state = "sha256sum /etc/troops/troops.toml /var/lib/troops/ssh/id_rsa; \
+                 ls /var/lib/troops/venvs; ls /var/lib/troops/runs/*.json";
+    let before = imds.ok(state);
+    imds.ok("DEBIAN_FRONTEND=noninteractive dpkg -i /var/tmp/troops-newer.deb");
+    assert_eq!(
+        imds.ok("dpkg-query -W -f '${Version}' troops"),
+        newer.1,
+        "the upgrade did not install"
+    );
+    assert_eq!(
+        imds.ok("systemctl show -P ActiveState troops-pull.service")
+            .trim(),
+        "activating",
+        "the upgrade stopped the deploy in progress"
+    );
+    wait_deployed(imds, &c4);
+    let record = record_of(imds, &c4, "pull");
+    assert_eq!(record["result"], "success", "{record}");
+    // A few timer periods later: no run the upgrade started, nothing changed.
+    std::thread::sleep(Duration::from_secs(25));
+    assert_eq!(
+        imds.ok(state),
+        before,
+        "the upgrade changed the node's state"
+    );
+    let upgrade_log = imds.journal("troops-pull.service");
+    assert!(
+        !upgrade_log.contains("interrupted"),
+        "a run was interrupted:\n{upgrade_log}"
+    );
 
     // Purge takes what the package made in /etc and its units, and keeps the node's key
     // and repository.
