@@ -65,6 +65,21 @@ pub fn tree<'a>(procs: &'a [Proc], roots: &[i32]) -> Vec<&'a Proc> {
     found
 }
 
+/// The value of `name` in the environment `pid` was started with (readable by root, or by
+/// the process's own user).
+pub fn env_var(pid: i32, name: &str) -> Option<String> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    environ.split(|b| *b == 0).find_map(|kv| {
+        let kv = std::str::from_utf8(kv).ok()?;
+        kv.strip_prefix(name)?.strip_prefix('=').map(str::to_owned)
+    })
+}
+
+/// The control group `pid` is in (cgroup v2's one line, or v1's lines whole).
+pub fn cgroup(pid: i32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()
+}
+
 /// Make this process the one that inherits its orphaned descendants, instead of init: a
 /// daemon that a deploy started with `setsid` and a double fork is still found as ours once
 /// its parents have exited.
@@ -86,12 +101,18 @@ pub fn reap(pid: i32) {
 
 /// Have the kernel send `signal` to the child started from `cmd` when the thread that
 /// started it ends: an agent killed with SIGKILL leaves no worker running on unobserved.
+/// A child whose parent died before the signal was armed leaves at once.
 pub fn die_with_parent(cmd: &mut Command, signal: i32) {
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    let parent = std::process::id() as i32;
+    // SAFETY: prctl, getppid and _exit are async-signal-safe and touch no memory of the
+    // parent.
     unsafe {
         cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, signal) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                libc::_exit(1);
             }
             Ok(())
         });

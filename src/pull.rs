@@ -230,6 +230,8 @@ pub fn take_push_and_deploy(
     out: &mut dyn Output,
 ) -> anyhow::Result<(u8, String)> {
     let layout = &node.layout;
+    let branch_ref = format!("refs/heads/{}", node.settings.branch);
+    repair::hold_if_lost(&layout.node_repo(), &branch_ref)?;
     let repo = Repo::open(&layout.node_repo())?;
     let jobs = [(
         fetch::PUSHED.to_owned(),
@@ -374,6 +376,7 @@ pub fn pull(
         None => fetched.pop().map(|f| f.fetched),
     };
     repaired.extend(repair::after_fetch(&layout.node_repo())?);
+    repair::hold_if_lost(&layout.node_repo(), &branch_ref)?;
     for what in &repaired {
         tracing::warn!("{what}");
     }

@@ -131,7 +131,23 @@ pub fn before_fetch(path: &Path, now: u64) -> Result<Before, RepairError> {
         }
     }
     let repo = Repo::open(path)?;
-    let missing = repo.refs_to_missing()?;
+    // After a pack is lost, refs whose own objects survive may still stand on history that
+    // went with it: all of them come down, so the fetch asks for everything and offers
+    // nothing as a base. Indexes over the old packs go too; git rebuilds them.
+    let missing = match damage.is_empty() {
+        true => repo.refs_to_missing()?,
+        false => {
+            for stale in [
+                "objects/info/commit-graph",
+                "objects/info/commit-graphs",
+                "objects/pack/multi-pack-index",
+            ] {
+                let p = path.join(stale);
+                let _ = fs::remove_file(&p).or_else(|_| fs::remove_dir_all(&p));
+            }
+            repo.all_refs()?
+        }
+    };
     if missing.is_empty() {
         return Ok(Before { said });
     }
@@ -148,15 +164,19 @@ pub fn before_fetch(path: &Path, now: u64) -> Result<Before, RepairError> {
         repo.delete_ref(name, *id)?;
     }
     said.push(format!(
-        "{} names objects the repository lost ({}); taken down until a fetch brings them back",
+        "taken down until a fetch brings their history back: {}",
         missing
             .iter()
-            .map(|(n, _)| n.as_str())
+            .map(|(n, id)| format!("{n} at {}", id.short()))
             .collect::<Vec<_>>()
-            .join(", "),
-        missing[0].1.short()
+            .join(", ")
     ));
     Ok(Before { said })
+}
+
+/// Refs a repair took down and could not put back yet: name and the commit it named.
+pub fn pending(path: &Path) -> BTreeMap<String, CommitId> {
+    load_saved(path)
 }
 
 /// After fetching: put back every saved ref whose object is here again, unless the ref has
@@ -207,8 +227,29 @@ pub fn after_fetch(path: &Path) -> Result<Vec<String>, RepairError> {
     Ok(said)
 }
 
+/// An error if `reference` (the branch) is among the refs a repair could not put back: the
+/// node must not move it while it cannot tell forward from back.
+pub fn hold_if_lost(path: &Path, reference: &str) -> Result<(), RepairError> {
+    match pending(path).get(reference) {
+        None => Ok(()),
+        Some(commit) => Err(RepairError::Lost {
+            reference: reference.to_owned(),
+            commit: commit.to_string(),
+            file: saved_path(path),
+        }),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RepairError {
+    #[error(
+        "{reference} was at {commit}, which the repository lost and no remote has now; the node holds rather than move the branch where it cannot tell forward from back (if the remotes' history was rewritten on purpose, remove {file}: the branch then takes their tip as at first boot)"
+    )]
+    Lost {
+        reference: String,
+        commit: String,
+        file: PathBuf,
+    },
     #[error("failed to repair {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error(transparent)]

@@ -788,6 +788,22 @@ impl Repo {
         Ok(missing)
     }
 
+    /// Every ref that names an object directly, with that id.
+    pub fn all_refs(&self) -> Result<Vec<(String, CommitId)>, RepoError> {
+        let platform = self
+            .repo
+            .references()
+            .map_err(self.err("list references"))?;
+        let mut refs = Vec::new();
+        for r in platform.all().map_err(self.err("list references"))? {
+            let Ok(r) = r else { continue };
+            if let Some(id) = r.target().try_id() {
+                refs.push((r.name().as_bstr().to_string(), CommitId(id.to_owned())));
+            }
+        }
+        Ok(refs)
+    }
+
     /// Remove `name` if it still points at `expected`.
     pub fn delete_ref(&self, name: &str, expected: CommitId) -> Result<(), RepoError> {
         let edit = RefEdit {

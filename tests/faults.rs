@@ -1010,3 +1010,124 @@ fn an_upgraded_daemon_leaves_once_idle_for_the_new_program() {
     };
     assert!(status.success(), "{status}");
 }
+
+#[test]
+fn a_deploy_that_never_stops_printing_still_times_out() {
+    let t = one_remote(&[]);
+    t.node.set("deploy_timeout", "3");
+    t.up.write(
+        "deploy.py",
+        "import time\nwhile True:\n    print('still waiting for a lock', flush=True)\n    time.sleep(0.02)\n",
+    );
+    let c = t.ship("chatty and hung");
+    let out = t.node.troops(&["pull"]).failed();
+    assert!(out.stderr.contains("timed out after 3s"), "{}", out.all());
+    assert_ne!(t.node.deployed().as_ref(), Some(&c));
+}
+
+#[test]
+fn an_installer_that_stalls_is_stopped_at_the_timeout() {
+    let t = one_remote(&[]);
+    t.node.set("deploy_timeout", "3");
+    // An index that accepts connections and never answers.
+    let index = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = index.local_addr().unwrap().port();
+    let _held = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        for c in index.incoming() {
+            conns.push(c);
+        }
+    });
+    t.up.write(
+        "requirements.txt",
+        &format!("--index-url http://127.0.0.1:{port}/simple\nsomething-that-never-comes\n"),
+    );
+    t.up.write("deploy.py", &simple_deploy("never"));
+    let c = t.ship("stalls");
+    let out = t.node.troops(&["pull"]).failed();
+    assert!(out.all().contains("timed out after 3s"), "{}", out.all());
+    assert_ne!(t.node.deployed().as_ref(), Some(&c));
+}
+
+#[test]
+fn losing_only_the_oldest_pack_is_repaired_too() {
+    let t = one_remote(&[]);
+    t.up.write("deploy.py", &simple_deploy("one"));
+    // Enough history that the first pack holds what later commits stand on.
+    for i in 0..20 {
+        t.up.write(&format!("data/{i}.txt"), &format!("file {i}\n"));
+    }
+    t.ship("one");
+    t.node.troops(&["pull"]).ok();
+    let first = packs(&t.node);
+    t.up.write("deploy.py", &simple_deploy("two"));
+    t.ship("two");
+    t.node.troops(&["pull"]).ok();
+    let oldest = first.first().expect("a pack from the first pull").clone();
+    assert!(
+        packs(&t.node).len() >= 2,
+        "the second pull made no pack of its own"
+    );
+    std::fs::remove_file(oldest.with_extension("idx")).unwrap();
+    t.up.write("deploy.py", &simple_deploy("three"));
+    let three = t.ship("three");
+    let out = t.node.troops(&["pull"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_eq!(t.node.deployed().as_ref(), Some(&three));
+    assert_eq!(t.node.read("out/tag").as_deref(), Some("three"));
+    let fsck = Command::new("git")
+        .arg("--git-dir")
+        .arg(t.node.state_repo())
+        .args(["fsck", "--no-dangling"])
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+}
+
+#[test]
+fn a_lost_branch_commit_no_remote_has_holds_the_node() {
+    let t = one_remote(&[]);
+    t.up.write("deploy.py", &simple_deploy("one"));
+    let one = t.ship("one");
+    t.node.troops(&["pull"]).ok();
+    // The remote's history is rewritten (a new root), and the node's copy of the old one
+    // is lost: nothing can tell whether the remote's tip is ahead of the branch or behind.
+    git(&t.up.dir, &["checkout", "-q", "--orphan", "rewritten"]);
+    t.up.write("deploy.py", &simple_deploy("rewritten"));
+    git(&t.up.dir, &["add", "-A"]);
+    git(&t.up.dir, &["commit", "-q", "-m", "rewritten"]);
+    git(
+        &t.up.dir,
+        &[
+            "push",
+            "-q",
+            "-f",
+            t.remote.to_str().unwrap(),
+            "HEAD:refs/heads/master",
+        ],
+    );
+    git(&t.remote, &["gc", "-q", "--prune=now"]);
+    for p in packs(&t.node) {
+        std::fs::remove_file(p.with_extension("idx")).unwrap();
+    }
+    let runs = t.node.runs().len();
+    let out = t.node.troops(&["pull"]).failed();
+    assert!(
+        out.stderr.contains(&format!("was at {one}"))
+            && out
+                .stderr
+                .contains("the node holds rather than move the branch"),
+        "{}",
+        out.all()
+    );
+    assert_eq!(t.node.runs().len(), runs, "something was deployed");
+    // Again: still held, and said in status.
+    t.node.troops(&["pull"]).failed();
+    let status = t.node.troops(&["status"]).ok();
+    assert!(status.stdout.contains("DAMAGED"), "{}", status.stdout);
+    assert_eq!(t.node.runs().len(), runs, "something was deployed");
+}

@@ -55,6 +55,9 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
         local_ids,
         module_dir: module::locate(&cache.join("python"))?,
         installer: Installer::Auto,
+        timeout: std::time::Duration::from_secs(
+            troops::settings::Settings::default().deploy_timeout,
+        ),
     };
     let mut print = |l: &str| println!("{l}");
     let (venv_dir, _) = venv::ensure(&cache.join("venvs"), &spec, &dir, &mut print)?;

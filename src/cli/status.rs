@@ -25,6 +25,12 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
             .into_iter()
             .map(|d| format!("{}: {}", d.pack.display(), d.why))
             .collect();
+    for (name, id) in troops::repair::pending(&layout.node_repo()) {
+        damage.push(format!(
+            "{name} was at {}, which is lost; the next pull fetches it again",
+            id.short()
+        ));
+    }
     let (head, deployed) =
         match Repo::open(&layout.node_repo()) {
             Ok(repo) => {

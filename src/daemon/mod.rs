@@ -128,8 +128,18 @@ pub fn serve(listener: UnixListener, root: PathBuf, exe: PathBuf) -> ! {
         .map(|n| n.settings.max_clients)
         .unwrap_or(crate::settings::Settings::default().max_clients) as usize;
     let clients = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    for conn in listener.incoming() {
-        match conn {
+    loop {
+        // Between clients, now and then: a package upgrade replaced this program. Leave
+        // once idle; the socket starts the new one for the next client. Decided here, on
+        // the thread that accepts, so no client is accepted and then dropped.
+        if !readable(&listener, Duration::from_secs(1)) {
+            if clients.load(std::sync::atomic::Ordering::SeqCst) == 0 && replaced() {
+                tracing::info!("this program was upgraded; exiting for the new one");
+                std::process::exit(0);
+            }
+            continue;
+        }
+        match listener.accept().map(|(s, _)| s) {
             Ok(mut stream) => {
                 if clients.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= max_clients {
                     clients.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
@@ -139,16 +149,9 @@ pub fn serve(listener: UnixListener, root: PathBuf, exe: PathBuf) -> ! {
                 }
                 let slot = Slot(clients.clone());
                 let (root, exe) = (root.clone(), exe.clone());
-                let count = clients.clone();
                 std::thread::spawn(move || {
-                    handle(stream, &root, &exe);
-                    drop(slot);
-                    // A package upgrade replaced this program while it served: leave once
-                    // idle, and the socket starts the new one for the next client.
-                    if count.load(std::sync::atomic::Ordering::SeqCst) == 0 && replaced() {
-                        tracing::info!("this program was upgraded; exiting for the new one");
-                        std::process::exit(0);
-                    }
+                    let _slot = slot;
+                    handle(stream, &root, &exe)
                 });
             }
             Err(e) => {
@@ -157,7 +160,18 @@ pub fn serve(listener: UnixListener, root: PathBuf, exe: PathBuf) -> ! {
             }
         }
     }
-    unreachable!("incoming() never ends")
+}
+
+/// Whether a client is waiting to be accepted, within `wait`.
+fn readable(listener: &UnixListener, wait: Duration) -> bool {
+    let mut fd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll reads and writes only the one pollfd given.
+    let n = unsafe { libc::poll(&mut fd, 1, wait.as_millis() as libc::c_int) };
+    n > 0
 }
 
 /// Whether the file this process was started from has been replaced (dpkg unlinks the old

@@ -43,7 +43,13 @@ impl BoundedLog {
         self.file.write_all(b"\n")?;
         self.written += line.len() as u64 + 1;
         if self.written > self.max {
-            self.drop_older_half()?;
+            // On failure (the disk is full) the log keeps growing as it is, and trying again
+            // waits for another `max` bytes rather than costing every line a copy.
+            if let Err(e) = self.drop_older_half() {
+                let _ = std::fs::remove_file(self.path.with_extension("log.tmp"));
+                self.written = 0;
+                return Err(e);
+            }
         }
         Ok(())
     }

@@ -258,6 +258,7 @@ fn deploy_checkout(
         local_ids: local,
         module_dir,
         installer: settings.installer,
+        timeout: std::time::Duration::from_secs(settings.deploy_timeout),
     };
     let (venv_dir, built) = venv::ensure(&layout.venvs(), &spec, checkout, &mut |l| log.line(l))
         .map_err(|e| with_last(format!("commit {short}: {e}"), log))?;

@@ -83,13 +83,22 @@ pub fn run(inv: &Invocation, on_line: &mut dyn FnMut(&str)) -> io::Result<ExitSt
     for (k, v) in &inv.env {
         cmd.env(k, v);
     }
-    // SAFETY: prctl and setpgid are async-signal-safe. If the agent dies (kill -9), the
-    // deploy dies with it instead of running on unobserved; the next pull starts it again.
+    // Inherited by everything the child starts: what this run left is told apart from
+    // other children of this process (a daemon serves other clients meanwhile).
+    let mark = run_mark();
+    cmd.env(MARK, &mark);
+    let parent = std::process::id() as i32;
+    // SAFETY: prctl, getppid and setpgid are async-signal-safe. If the agent dies (kill -9),
+    // the deploy dies with it instead of running on unobserved; the next pull starts it
+    // again (and if it died before the signal was armed, the child sees it and leaves).
     // Its own process group: whatever it starts and leaves behind can be found and stopped.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 || libc::setpgid(0, 0) != 0 {
                 return Err(io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                libc::_exit(1);
             }
             Ok(())
         });
@@ -109,15 +118,20 @@ pub fn run(inv: &Invocation, on_line: &mut dyn FnMut(&str)) -> io::Result<ExitSt
     });
     let started = Instant::now();
     let mut exited: Option<(ExitStatus, Instant)> = None;
+    let tick = Duration::from_millis(100);
+    let mut checked = Instant::now();
     loop {
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(line) => {
-                on_line(&line);
-                continue;
-            }
+        match rx.recv_timeout(tick) {
+            Ok(line) => on_line(&line),
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
         }
+        // Whether or not lines keep coming: a process that never stops printing must not
+        // outlast its timeout, nor what it left behind its grace.
+        if checked.elapsed() < tick {
+            continue;
+        }
+        checked = Instant::now();
         if exited.is_none()
             && let Some(status) = child.try_wait()?
         {
@@ -126,7 +140,7 @@ pub fn run(inv: &Invocation, on_line: &mut dyn FnMut(&str)) -> io::Result<ExitSt
         match exited {
             // It exited but something it started still holds its output: stop that.
             Some((_, at)) if at.elapsed() >= GRACE => {
-                stop_leftovers(pid, on_line);
+                stop_leftovers(None, &mark, on_line);
                 break;
             }
             Some(_) => {}
@@ -136,7 +150,7 @@ pub fn run(inv: &Invocation, on_line: &mut dyn FnMut(&str)) -> io::Result<ExitSt
                     "troops: still running after {}s (deploy_timeout); stopping it",
                     t.as_secs()
                 ));
-                stop_leftovers(pid, on_line);
+                stop_leftovers(Some(pid), &mark, on_line);
                 let _ = child.wait();
                 drain(&rx, on_line);
                 return Err(io::Error::new(
@@ -155,9 +169,9 @@ pub fn run(inv: &Invocation, on_line: &mut dyn FnMut(&str)) -> io::Result<ExitSt
         Some((status, _)) => status,
         None => child.wait()?,
     };
-    // Output closed and the child gone; what it started with its output elsewhere (a
-    // daemon) may still be running.
-    stop_leftovers(pid, on_line);
+    // Output closed and the child gone (its pid no longer names it); what it started with
+    // its output elsewhere (a daemon) may still be running.
+    stop_leftovers(None, &mark, on_line);
     Ok(status)
 }
 
@@ -168,32 +182,44 @@ fn drain(rx: &std::sync::mpsc::Receiver<String>, on_line: &mut dyn FnMut(&str)) 
     }
 }
 
-/// What a run left running: `child` itself unless it has exited, everything descending
-/// from it, and whatever was orphaned to this process (a daemon deploy.py started with
-/// `setsid` and a double fork, whose parents have exited). The caller holds the node lock,
-/// so no other child of this process is running.
-fn leftovers(child: i32) -> Vec<procs::Proc> {
+/// The variable every process of a run inherits, naming the run.
+const MARK: &str = "TROOPS_RUN";
+
+/// A name for one run, unique on this host for as long as it matters.
+fn run_mark() -> String {
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    format!("{}.{n}", std::process::id())
+}
+
+/// What a run left running: `child` itself while it has not been reaped (after that its pid
+/// may name another process), everything descending from it, and what was orphaned to this
+/// process carrying the run's mark (a daemon deploy.py started with `setsid` and a double
+/// fork, whose parents have exited). Not what left this cgroup: a unit or scope deploy.py
+/// handed to systemd (`systemd-run`, a container's monitor) is systemd's.
+fn leftovers(child: Option<i32>, mark: &str) -> Vec<procs::Proc> {
     let me = std::process::id() as i32;
     let all = procs::snapshot();
-    let mut roots = vec![child];
+    let mut roots: Vec<i32> = child.into_iter().collect();
     roots.extend(
         all.iter()
-            .filter(|p| p.ppid == me && p.pid != child)
+            .filter(|p| p.ppid == me && Some(p.pid) != child && !p.zombie)
+            .filter(|p| procs::env_var(p.pid, MARK).as_deref() == Some(mark))
             .map(|p| p.pid),
     );
+    let ours = procs::cgroup(me);
     procs::tree(&all, &roots)
         .into_iter()
-        .filter(|p| !p.zombie)
+        .filter(|p| !p.zombie && procs::cgroup(p.pid) == ours)
         .cloned()
         .collect()
 }
 
-/// Collect what of the run's leftovers has exited and was ours to collect (not `child`:
-/// its status belongs to the `Child` that started it).
-fn reap_orphans(child: i32) {
+/// Collect those of `pids` that have exited and are this process's to collect.
+fn reap(pids: &[i32]) {
     let me = std::process::id() as i32;
     for p in procs::snapshot() {
-        if p.ppid == me && p.zombie && p.pid != child {
+        if p.ppid == me && p.zombie && pids.contains(&p.pid) {
             procs::reap(p.pid);
         }
     }
@@ -201,40 +227,49 @@ fn reap_orphans(child: i32) {
 
 /// SIGTERM to everything the run left, SIGKILL to what is left after the grace period; say
 /// which processes were stopped.
-fn stop_leftovers(child: i32, on_line: &mut dyn FnMut(&str)) {
-    let left = leftovers(child);
+fn stop_leftovers(child: Option<i32>, mark: &str, on_line: &mut dyn FnMut(&str)) {
+    let left = leftovers(child, mark);
     if left.is_empty() {
-        reap_orphans(child);
         return;
     }
     let names: Vec<String> = left
         .iter()
         .map(|p| format!("pid {} {}", p.pid, p.comm))
         .collect();
-    let signal_all = |signal: i32| {
-        for p in leftovers(child) {
+    // Every pid seen, to collect once they are gone (never `child`: its status belongs to
+    // the `Child` that started it).
+    let mut seen: Vec<i32> = left
+        .iter()
+        .map(|p| p.pid)
+        .filter(|p| Some(*p) != child)
+        .collect();
+    let signal_all = |signal: i32, seen: &mut Vec<i32>| {
+        for p in leftovers(child, mark) {
             // SAFETY: kill sends a signal; no memory is touched.
             unsafe {
                 libc::kill(p.pid, signal);
             }
+            if Some(p.pid) != child && !seen.contains(&p.pid) {
+                seen.push(p.pid);
+            }
         }
     };
-    signal_all(libc::SIGTERM);
+    signal_all(libc::SIGTERM, &mut seen);
     let deadline = Instant::now() + GRACE;
-    while Instant::now() < deadline && !leftovers(child).is_empty() {
-        reap_orphans(child);
+    while Instant::now() < deadline && !leftovers(child, mark).is_empty() {
+        reap(&seen);
         std::thread::sleep(Duration::from_millis(50));
     }
     // A few rounds: what forked while being stopped is found and stopped too.
     for _ in 0..5 {
-        if leftovers(child).is_empty() {
+        if leftovers(child, mark).is_empty() {
             break;
         }
-        signal_all(libc::SIGKILL);
+        signal_all(libc::SIGKILL, &mut seen);
         std::thread::sleep(Duration::from_millis(20));
-        reap_orphans(child);
+        reap(&seen);
     }
-    reap_orphans(child);
+    reap(&seen);
     on_line(&format!(
         "troops: left running: {}; stopped (start long-lived services with systemd)",
         names.join(", ")

@@ -49,6 +49,10 @@ pub struct VenvSpec {
     /// Directory holding `troops.abi3.so`, put on the venv's path by a `.pth` file.
     pub module_dir: PathBuf,
     pub installer: Installer,
+    /// How long making the venv and installing into it may take (`deploy_timeout`): an
+    /// index that accepts and then stalls must not hold the node for good. Not part of
+    /// the key.
+    pub timeout: std::time::Duration,
 }
 
 /// The interpreter's identity without running it: its resolved path, size and mtime change
@@ -229,31 +233,29 @@ pub fn ensure(
         spec.python.display()
     ));
     // Always with pip: deploy.py may `import pip` (the seed's pattern), and ensurepip needs no
-    // network.
-    let mut make = Command::new(&spec.python);
-    // Killed with the agent; the half-built venv is swept at the next start.
-    crate::procs::die_with_parent(&mut make, libc::SIGKILL);
-    let made = make
-        .args(["-m", "venv"])
-        .arg(&dir)
-        .env_clear()
-        .env("PATH", runner::SYSTEM_PATH)
-        .env("LANG", "C.UTF-8")
-        .output()
-        .map_err(|e| VenvError::Create {
-            path: dir.clone(),
-            message: format!("{}: {e}", spec.python.display()),
-        })?;
-    if !made.status.success() {
-        let _ = fs::remove_dir_all(&dir);
-        return Err(VenvError::Create {
-            path: dir,
-            message: String::from_utf8_lossy(&made.stderr)
-                .lines()
-                .last()
-                .unwrap_or("python -m venv failed")
-                .to_owned(),
-        });
+    // network. Through the runner: its own process group, the timeout, and whatever it
+    // leaves (ensurepip's pip) stopped with it.
+    let make = Invocation {
+        program: spec.python.clone(),
+        args: vec!["-m".into(), "venv".into(), dir.display().to_string()],
+        cwd: venvs.to_owned(),
+        venv: None,
+        env: Vec::new(),
+        timeout: Some(spec.timeout),
+    };
+    let made = runner::run(&make, on_line);
+    match made {
+        Ok(status) if status.success() => {}
+        other => {
+            let _ = fs::remove_dir_all(&dir);
+            return Err(VenvError::Create {
+                path: dir,
+                message: match other {
+                    Ok(status) => format!("{} -m venv exited with {status}", spec.python.display()),
+                    Err(e) => format!("{}: {e}", spec.python.display()),
+                },
+            });
+        }
     }
     let site = site_packages(&dir).map_err(io_err(&dir))?;
     let pth = format!("{}\n", spec.module_dir.display());
@@ -305,7 +307,7 @@ pub fn ensure(
             cwd: cwd.to_owned(),
             venv: Some(dir.clone()),
             env: Vec::new(),
-            timeout: None,
+            timeout: Some(spec.timeout),
         };
         let status = runner::run(&inv, on_line).map_err(|source| VenvError::Io {
             path: cwd.to_owned(),

@@ -458,7 +458,7 @@ fn nodes_boot_install_the_package_and_deploy_themselves() {
         },
     );
     let state = "sha256sum /etc/troops/troops.toml /var/lib/troops/ssh/id_rsa; \
-                 ls /var/lib/troops/venvs; ls /var/lib/troops/runs/*.json";
+                 ls /var/lib/troops/venvs; ls /var/lib/troops/runs | grep -E '^[0-9]+\\.json$'";
     let before = imds.ok(state);
     imds.ok("DEBIAN_FRONTEND=noninteractive dpkg -i /var/tmp/troops-newer.deb");
     assert_eq!(
