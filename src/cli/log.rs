@@ -18,12 +18,12 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
     let layout = Layout::new(root);
     let store = RunStore::new(layout.runs());
     // A record still "running" while no run holds the lock is one whose agent died.
-    let lock_free = troops::lock::is_held(&layout.lock_file()) == Some(false);
+    let lock = layout.lock_file();
     if let Some(id) = args.run {
         let record = store
             .load(id)
-            .with_context(|| format!("no run {id} in {}", store.dir().display()))?
-            .settled(lock_free);
+            .with_context(|| format!("no run {id} in {}", store.dir().display()))?;
+        let record = store.settle(record, &lock);
         if args.json {
             println!("{}", serde_json::to_string_pretty(&record)?);
             return Ok(0);
@@ -42,7 +42,7 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
     let runs: Vec<_> = store
         .list()
         .into_iter()
-        .map(|r| r.settled(lock_free))
+        .map(|r| store.settle(r, &lock))
         .collect();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&runs)?);

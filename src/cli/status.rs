@@ -53,10 +53,8 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
                 (None, None)
             }
         };
-    let lock_free = troops::lock::is_held(&layout.lock_file()) == Some(false);
-    let last = RunStore::new(layout.runs())
-        .latest()
-        .map(|r| r.settled(lock_free));
+    let store = RunStore::new(layout.runs());
+    let last = store.latest().map(|r| store.settle(r, &layout.lock_file()));
     let pull = PullReport::load(&layout.pull_report());
     let remotes: Vec<(String, String)> = troops::repo::remote_urls(&layout.repo().join("config"))?
         .into_iter()

@@ -181,6 +181,16 @@ impl RunStore {
         Ok(())
     }
 
+    /// `record` as it stands now: one read as running whose run no longer holds the node
+    /// lock `lock` is read again (it may just have finished) and, still running, is one
+    /// whose agent died. Read first, lock after: a run that starts meanwhile holds the lock.
+    pub fn settle(&self, record: RunRecord, lock: &Path) -> RunRecord {
+        if record.result != Outcome::Running || crate::lock::is_held(lock) != Some(false) {
+            return record;
+        }
+        self.load(record.id).unwrap_or(record).settled(true)
+    }
+
     /// Remove the scratch files (`N.context.json`, `N.results.json`) runs that died left
     /// behind; the caller holds the lock, so no run is using one. Returns the names removed.
     pub fn sweep_scratch(&self) -> Vec<String> {
