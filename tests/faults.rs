@@ -624,7 +624,7 @@ fn what_an_interrupted_run_left_is_swept_at_the_next_start() {
 }
 
 #[test]
-fn a_client_that_stops_reading_is_dropped_and_the_deploy_goes_on() {
+fn a_client_that_falls_behind_gets_no_backlog_but_still_the_verdict() {
     let t = one_remote(&[]);
     // Loud (40 MB) once the marker exists; the first deploy is quiet.
     t.up.write(
@@ -659,7 +659,7 @@ while True:
     if not b:
         break
     got += b
-sys.stdout.write("%d bytes, done: %s" % (len(got), b"\ndone 0" in got))
+sys.stdout.write("%d bytes, skipped: %s, done: %s" % (len(got), b"lines of output skipped" in got, b"\ndone 0 " in got))
 "#,
         ])
         .arg(t.node.path("run/troops/troops.sock"))
@@ -681,13 +681,84 @@ sys.stdout.write("%d bytes, done: %s" % (len(got), b"\ndone 0" in got))
     assert_eq!(record["commit"], c.as_str());
     std::fs::write(&ended, "").unwrap();
     let got = String::from_utf8(client.wait_with_output().unwrap().stdout).unwrap();
-    // Dropped: what was in flight, then the end of the connection, not 40 MB kept for it.
-    let (bytes, done) = got.split_once(" bytes, done: ").unwrap();
+    // Not 40 MB kept for it: what fit in its buffer, a line saying the rest was skipped,
+    // and how the run ended.
+    let (bytes, rest) = got.split_once(" bytes, skipped: ").unwrap();
     assert!(
         bytes.parse::<u64>().unwrap() < 8 << 20,
         "{bytes} bytes were kept for the client"
     );
-    assert_eq!(done, "False", "the client was kept to the end");
+    assert_eq!(rest, "True, done: True", "{got}");
+}
+
+#[test]
+fn a_client_that_stops_reading_altogether_is_dropped_and_the_deploy_goes_on() {
+    // Two keepalive periods (5 s at least) without taking a write: gone.
+    let t = one_remote(&[]);
+    t.node.set("keepalive", "1");
+    // Loud (40 MB) once the marker exists; the first deploy is quiet.
+    t.up.write(
+        "deploy.py",
+        r#"import os, sys, troops
+if os.path.exists(os.path.join(troops.root, "loud")):
+    line = "x" * 1000 + "\n"
+    for _ in range(40000):
+        sys.stdout.write(line)
+print("the end")
+"#,
+    );
+    let c = t.ship("loud");
+    t.node.troops(&["pull"]).ok();
+    std::fs::write(t.node.path("loud"), "").unwrap();
+    let _daemon = crate::push::serve(&t.node);
+    // The client is another process, as a stuck ssh session would be: it asks, then reads
+    // nothing until the run has ended.
+    let ended = t.node.path("ended");
+    let client = Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            r#"import os, socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.sendall(b"troops/1 deploy\n")
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.1)
+got = b""
+while True:
+    b = s.recv(1 << 20)
+    if not b:
+        break
+    got += b
+sys.stdout.write("%d bytes, skipped: %s, done: %s" % (len(got), b"lines of output skipped" in got, b"\ndone 0 " in got))
+"#,
+        ])
+        .arg(t.node.path("run/troops/troops.sock"))
+        .arg(&ended)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    // runs() is oldest first: run 2 is the daemon's.
+    while !(t.node.runs().len() == 2 && t.node.runs()[1]["result"] != "running") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the deploy never ended"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let record = &t.node.runs()[1];
+    assert_eq!(record["result"], "success", "{record}");
+    assert_eq!(record["commit"], c.as_str());
+    std::thread::sleep(std::time::Duration::from_secs(8));
+    std::fs::write(&ended, "").unwrap();
+    let got = String::from_utf8(client.wait_with_output().unwrap().stdout).unwrap();
+    // Dropped: what was in flight, then the end of the connection.
+    let (bytes, rest) = got.split_once(" bytes, skipped: ").unwrap();
+    assert!(
+        bytes.parse::<u64>().unwrap() < 8 << 20,
+        "{bytes} bytes were kept for the client"
+    );
+    assert!(rest.ends_with("done: False"), "the client was kept: {got}");
 }
 
 #[test]

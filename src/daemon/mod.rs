@@ -269,20 +269,25 @@ fn handle(mut stream: UnixStream, root: &Path, exe: &Path) {
     run_request(stream, node, request, &user, exe);
 }
 
-/// What the daemon holds for one client that has not read it yet, at most. A client that
-/// stops reading is dropped once this much waits for it; the run goes on and is recorded
-/// as usual (`troops log N` has it all).
+/// What the daemon holds for one client that has not read it yet, at most. Output beyond
+/// it is skipped for that client (and said), never kept: a slow reader still gets how the
+/// run ended, and `troops log N` has every line.
 const CLIENT_BUFFER: usize = 1 << 20;
 
-/// The run's side of one client: replies go to the writer thread until the client falls
-/// [`CLIENT_BUFFER`] behind, then the connection is shut and nothing more is kept for it.
+/// How long one write to a client may block before the client counts as gone (two
+/// keepalive periods, at least 5 s): one that stops reading altogether is dropped, and the
+/// run goes on and is recorded as usual.
+fn client_stall(keepalive: Duration) -> Duration {
+    (keepalive * 2).max(Duration::from_secs(5))
+}
+
+/// The run's side of one client: replies go to the writer thread; output lines only while
+/// the client is less than [`CLIENT_BUFFER`] behind.
 struct Relay {
     tx: mpsc::Sender<String>,
     queued: Arc<AtomicUsize>,
     dropped: Arc<AtomicBool>,
-    /// A second handle on the connection, to shut it while the writer is blocked on it.
-    stream: Option<UnixStream>,
-    user: String,
+    skipped: std::sync::atomic::AtomicU64,
 }
 
 impl Relay {
@@ -291,18 +296,26 @@ impl Relay {
             return;
         }
         let wire = reply.encode();
-        let size = wire.len();
-        if self.queued.fetch_add(size, Ordering::SeqCst) + size > CLIENT_BUFFER {
-            self.dropped.store(true, Ordering::SeqCst);
-            tracing::warn!(
-                "{} stopped reading the run's output; dropped the connection (the run goes on)",
-                self.user
-            );
-            if let Some(s) = &self.stream {
-                let _ = s.shutdown(std::net::Shutdown::Both);
+        if matches!(reply, Reply::Out(_)) {
+            if self.queued.load(Ordering::SeqCst) + wire.len() > CLIENT_BUFFER {
+                self.skipped.fetch_add(1, Ordering::SeqCst);
+                return;
             }
-            return;
+            let skipped = self.skipped.swap(0, Ordering::SeqCst);
+            if skipped > 0 {
+                self.queue(
+                    Reply::Info(format!(
+                        "{skipped} lines of output skipped: this connection fell behind (troops log has them all)"
+                    ))
+                    .encode(),
+                );
+            }
         }
+        self.queue(wire);
+    }
+
+    fn queue(&self, wire: String) {
+        self.queued.fetch_add(wire.len(), Ordering::SeqCst);
         let _ = self.tx.send(wire);
     }
 }
@@ -317,29 +330,41 @@ fn run_request(stream: UnixStream, node: Node, request: Request, user: &str, exe
         tx,
         queued: queued.clone(),
         dropped: dropped.clone(),
-        stream: stream.try_clone().ok(),
-        user: user.to_owned(),
+        skipped: std::sync::atomic::AtomicU64::new(0),
     };
     // Lines keep flowing at least this often, so ssh and git keep a long deploy's session.
     let keepalive = Duration::from_secs(node.settings.keepalive);
+    let who = user.to_owned();
     let writer = std::thread::spawn(move || {
         let mut stream = stream;
-        let mut alive = true;
+        let _ = stream.set_write_timeout(Some(client_stall(keepalive)));
         let started = Instant::now();
+        let write = |stream: &mut UnixStream, wire: &str| {
+            let ok = stream.write_all(wire.as_bytes()).is_ok();
+            if !ok {
+                dropped.store(true, Ordering::SeqCst);
+                tracing::warn!(
+                    "{who} stopped reading or hung up; dropped the connection (the run goes on)"
+                );
+            }
+            ok
+        };
         loop {
             match rx.recv_timeout(keepalive) {
                 Ok(wire) => {
                     let last = wire.starts_with("done ");
-                    alive = alive && stream.write_all(wire.as_bytes()).is_ok();
+                    let ok = write(&mut stream, &wire);
                     queued.fetch_sub(wire.len(), Ordering::SeqCst);
-                    if last || dropped.load(Ordering::SeqCst) {
+                    if last || !ok {
                         break;
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     let info =
                         Reply::Info(format!("still running ({}s)", started.elapsed().as_secs()));
-                    alive = alive && send(&mut stream, &info);
+                    if !write(&mut stream, &info.encode()) {
+                        break;
+                    }
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
