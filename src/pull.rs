@@ -325,11 +325,7 @@ pub fn pull(
         return Err(PullError::NoRemotes(layout.repo().display().to_string()));
     }
     let branch_ref = format!("refs/heads/{}", settings.branch);
-    let mut repaired: Vec<String> = repo
-        .remove_stale_locks(Duration::from_secs(settings.stale_lock))
-        .into_iter()
-        .map(|p| format!("removed a stale git lock, {p}, left by an interrupted run"))
-        .collect();
+    let mut repaired = remove_stale_locks(node, &repo);
     // What a killed write left half-done, in troops' own state: nothing writes there now.
     for dir in [layout.state_dir(), layout.node_repo()] {
         for name in fsutil::sweep_temps(&dir) {
@@ -562,6 +558,14 @@ fn deploy_tracked(
     Ok(record)
 }
 
+/// Git locks in the node's repository older than `stale_lock`, removed; each said.
+fn remove_stale_locks(node: &Node, repo: &Repo) -> Vec<String> {
+    repo.remove_stale_locks(Duration::from_secs(node.settings.stale_lock))
+        .into_iter()
+        .map(|p| format!("removed a stale git lock, {p}, left by an interrupted run"))
+        .collect()
+}
+
 #[derive(Debug, Error)]
 #[error("branch {0} does not exist yet: nothing to deploy (run `troops pull` first)")]
 pub struct NothingToDeploy(pub String);
@@ -571,8 +575,8 @@ pub struct NothingToDeploy(pub String);
 pub fn deploy_head(node: &Node, trigger: &str, out: &mut dyn Output) -> anyhow::Result<RunRecord> {
     let layout = &node.layout;
     let repo = Repo::open(&layout.node_repo())?;
-    for p in repo.remove_stale_locks(Duration::from_secs(node.settings.stale_lock)) {
-        tracing::warn!("removed a stale git lock, {p}, left by an interrupted run");
+    for what in remove_stale_locks(node, &repo) {
+        tracing::warn!("{what}");
     }
     let branch = &node.settings.branch;
     let head = repo

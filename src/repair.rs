@@ -98,11 +98,27 @@ fn saved_path(repo: &Path) -> PathBuf {
     repo.join("troops-repair.json")
 }
 
-fn load_saved(repo: &Path) -> BTreeMap<String, CommitId> {
+/// Refs a repair took down and could not put back yet: name and the commit it named.
+pub fn pending(repo: &Path) -> BTreeMap<String, CommitId> {
     fs::read(saved_path(repo))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default()
+}
+
+fn save(repo: &Path, refs: &BTreeMap<String, CommitId>) -> Result<(), RepairError> {
+    let file = saved_path(repo);
+    let bytes = serde_json::to_vec_pretty(refs).expect("refs serialise");
+    fsutil::write_atomic(&file, &bytes, 0o600)
+        .map_err(|source| RepairError::Io { path: file, source })
+}
+
+/// `refs/heads/master at 0123456789ab, ...`
+fn listed<'a>(refs: impl IntoIterator<Item = (&'a String, &'a CommitId)>) -> String {
+    refs.into_iter()
+        .map(|(n, id)| format!("{n} at {}", id.short()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// What a repair did before a fetch, in words for status and the journal.
@@ -151,38 +167,25 @@ pub fn before_fetch(path: &Path, now: u64) -> Result<Before, RepairError> {
     if missing.is_empty() {
         return Ok(Before { said });
     }
-    let mut saved = load_saved(path);
+    let mut saved = pending(path);
     for (name, id) in &missing {
         saved.insert(name.clone(), *id);
     }
-    let bytes = serde_json::to_vec_pretty(&saved).expect("refs serialise");
-    fsutil::write_atomic(&saved_path(path), &bytes, 0o600).map_err(|source| RepairError::Io {
-        path: saved_path(path),
-        source,
-    })?;
+    save(path, &saved)?;
     for (name, id) in &missing {
         repo.delete_ref(name, *id)?;
     }
     said.push(format!(
         "taken down until a fetch brings their history back: {}",
-        missing
-            .iter()
-            .map(|(n, id)| format!("{n} at {}", id.short()))
-            .collect::<Vec<_>>()
-            .join(", ")
+        listed(missing.iter().map(|(n, id)| (n, id)))
     ));
     Ok(Before { said })
-}
-
-/// Refs a repair took down and could not put back yet: name and the commit it named.
-pub fn pending(path: &Path) -> BTreeMap<String, CommitId> {
-    load_saved(path)
 }
 
 /// After fetching: put back every saved ref whose object is here again, unless the ref has
 /// been made anew meanwhile. What is still missing stays saved, and is said.
 pub fn after_fetch(path: &Path) -> Result<Vec<String>, RepairError> {
-    let mut saved = load_saved(path);
+    let mut saved = pending(path);
     if saved.is_empty() {
         return Ok(Vec::new());
     }
@@ -207,23 +210,17 @@ pub fn after_fetch(path: &Path) -> Result<Vec<String>, RepairError> {
             back.join(", ")
         ));
     }
-    let file = saved_path(path);
-    let result = if saved.is_empty() {
-        fs::remove_file(&file)
+    if saved.is_empty() {
+        let file = saved_path(path);
+        fs::remove_file(&file).map_err(|source| RepairError::Io { path: file, source })?;
     } else {
         said.push(format!(
             "still missing, no remote has them now: {} (saved in {})",
-            saved
-                .iter()
-                .map(|(n, id)| format!("{n} at {}", id.short()))
-                .collect::<Vec<_>>()
-                .join(", "),
-            file.display()
+            listed(&saved),
+            saved_path(path).display()
         ));
-        let bytes = serde_json::to_vec_pretty(&saved).expect("refs serialise");
-        fsutil::write_atomic(&file, &bytes, 0o600)
-    };
-    result.map_err(|source| RepairError::Io { path: file, source })?;
+        save(path, &saved)?;
+    }
     Ok(said)
 }
 

@@ -772,20 +772,9 @@ impl Repo {
     /// Every ref whose target object is not in the repository (a pack holding it was lost
     /// or set aside): its name and the id it names.
     pub fn refs_to_missing(&self) -> Result<Vec<(String, CommitId)>, RepoError> {
-        let platform = self
-            .repo
-            .references()
-            .map_err(self.err("list references"))?;
-        let mut missing = Vec::new();
-        for r in platform.all().map_err(self.err("list references"))? {
-            let Ok(r) = r else { continue };
-            if let Some(id) = r.target().try_id()
-                && !self.repo.has_object(id)
-            {
-                missing.push((r.name().as_bstr().to_string(), CommitId(id.to_owned())));
-            }
-        }
-        Ok(missing)
+        let mut refs = self.all_refs()?;
+        refs.retain(|(_, id)| !self.has(*id));
+        Ok(refs)
     }
 
     /// Every ref that names an object directly, with that id.

@@ -623,9 +623,17 @@ fn what_an_interrupted_run_left_is_swept_at_the_next_start() {
     assert!(venvs[0].path().join(".troops-ready").exists());
 }
 
-#[test]
-fn a_client_that_falls_behind_gets_no_backlog_but_still_the_verdict() {
+/// A client of the daemon that asks for a deploy of 40 MB of output and reads nothing until
+/// `idle` after the run has ended. Another process, as a stuck ssh session would be. What
+/// it got: (bytes, whether it was told lines were skipped, whether it got `done 0`).
+fn a_client_behind_a_loud_deploy(
+    keepalive: Option<&str>,
+    idle: std::time::Duration,
+) -> (u64, bool, bool) {
     let t = one_remote(&[]);
+    if let Some(k) = keepalive {
+        t.node.set("keepalive", k);
+    }
     // Loud (40 MB) once the marker exists; the first deploy is quiet.
     t.up.write(
         "deploy.py",
@@ -641,8 +649,6 @@ print("the end")
     t.node.troops(&["pull"]).ok();
     std::fs::write(t.node.path("loud"), "").unwrap();
     let _daemon = crate::push::serve(&t.node);
-    // The client is another process, as a stuck ssh session would be: it asks, then reads
-    // nothing until the run has ended.
     let ended = t.node.path("ended");
     let client = Command::new("/usr/bin/python3")
         .args([
@@ -659,7 +665,7 @@ while True:
     if not b:
         break
     got += b
-sys.stdout.write("%d bytes, skipped: %s, done: %s" % (len(got), b"lines of output skipped" in got, b"\ndone 0 " in got))
+sys.stdout.write("%d %s %s" % (len(got), b"lines of output skipped" in got, b"\ndone 0 " in got))
 "#,
         ])
         .arg(t.node.path("run/troops/troops.sock"))
@@ -679,86 +685,36 @@ sys.stdout.write("%d bytes, skipped: %s, done: %s" % (len(got), b"lines of outpu
     let record = &t.node.runs()[1];
     assert_eq!(record["result"], "success", "{record}");
     assert_eq!(record["commit"], c.as_str());
+    std::thread::sleep(idle);
     std::fs::write(&ended, "").unwrap();
     let got = String::from_utf8(client.wait_with_output().unwrap().stdout).unwrap();
+    let mut words = got.split(' ');
+    let mut next = || {
+        words
+            .next()
+            .unwrap_or_else(|| panic!("client said {got:?}"))
+    };
+    (next().parse().unwrap(), next() == "True", next() == "True")
+}
+
+#[test]
+fn a_client_that_falls_behind_gets_no_backlog_but_still_the_verdict() {
+    let (bytes, skipped, done) = a_client_behind_a_loud_deploy(None, std::time::Duration::ZERO);
     // Not 40 MB kept for it: what fit in its buffer, a line saying the rest was skipped,
     // and how the run ended.
-    let (bytes, rest) = got.split_once(" bytes, skipped: ").unwrap();
-    assert!(
-        bytes.parse::<u64>().unwrap() < 8 << 20,
-        "{bytes} bytes were kept for the client"
-    );
-    assert_eq!(rest, "True, done: True", "{got}");
+    assert!(bytes < 8 << 20, "{bytes} bytes were kept for the client");
+    assert!(skipped, "the client was not told lines were skipped");
+    assert!(done, "the client did not get the verdict");
 }
 
 #[test]
 fn a_client_that_stops_reading_altogether_is_dropped_and_the_deploy_goes_on() {
     // Two keepalive periods (5 s at least) without taking a write: gone.
-    let t = one_remote(&[]);
-    t.node.set("keepalive", "1");
-    // Loud (40 MB) once the marker exists; the first deploy is quiet.
-    t.up.write(
-        "deploy.py",
-        r#"import os, sys, troops
-if os.path.exists(os.path.join(troops.root, "loud")):
-    line = "x" * 1000 + "\n"
-    for _ in range(40000):
-        sys.stdout.write(line)
-print("the end")
-"#,
-    );
-    let c = t.ship("loud");
-    t.node.troops(&["pull"]).ok();
-    std::fs::write(t.node.path("loud"), "").unwrap();
-    let _daemon = crate::push::serve(&t.node);
-    // The client is another process, as a stuck ssh session would be: it asks, then reads
-    // nothing until the run has ended.
-    let ended = t.node.path("ended");
-    let client = Command::new("/usr/bin/python3")
-        .args([
-            "-c",
-            r#"import os, socket, sys, time
-s = socket.socket(socket.AF_UNIX)
-s.connect(sys.argv[1])
-s.sendall(b"troops/1 deploy\n")
-while not os.path.exists(sys.argv[2]):
-    time.sleep(0.1)
-got = b""
-while True:
-    b = s.recv(1 << 20)
-    if not b:
-        break
-    got += b
-sys.stdout.write("%d bytes, skipped: %s, done: %s" % (len(got), b"lines of output skipped" in got, b"\ndone 0 " in got))
-"#,
-        ])
-        .arg(t.node.path("run/troops/troops.sock"))
-        .arg(&ended)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    // runs() is oldest first: run 2 is the daemon's.
-    while !(t.node.runs().len() == 2 && t.node.runs()[1]["result"] != "running") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the deploy never ended"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let record = &t.node.runs()[1];
-    assert_eq!(record["result"], "success", "{record}");
-    assert_eq!(record["commit"], c.as_str());
-    std::thread::sleep(std::time::Duration::from_secs(8));
-    std::fs::write(&ended, "").unwrap();
-    let got = String::from_utf8(client.wait_with_output().unwrap().stdout).unwrap();
+    let (bytes, _, done) =
+        a_client_behind_a_loud_deploy(Some("1"), std::time::Duration::from_secs(8));
     // Dropped: what was in flight, then the end of the connection.
-    let (bytes, rest) = got.split_once(" bytes, skipped: ").unwrap();
-    assert!(
-        bytes.parse::<u64>().unwrap() < 8 << 20,
-        "{bytes} bytes were kept for the client"
-    );
-    assert!(rest.ends_with("done: False"), "the client was kept: {got}");
+    assert!(bytes < 8 << 20, "{bytes} bytes were kept for the client");
+    assert!(!done, "the client was kept to the end");
 }
 
 #[test]
@@ -826,17 +782,7 @@ fn a_damaged_object_store_is_repaired_from_the_remotes(damage: fn(&std::path::Pa
     assert_eq!(t.node.read("out/tag").as_deref(), Some("two"));
     let status = t.node.troops(&["status"]).ok();
     assert!(!status.stdout.contains("DAMAGED"), "{}", status.stdout);
-    let fsck = Command::new("git")
-        .arg("--git-dir")
-        .arg(t.node.state_repo())
-        .args(["fsck", "--connectivity-only", "--no-dangling"])
-        .output()
-        .unwrap();
-    assert!(
-        fsck.status.success(),
-        "{}",
-        String::from_utf8_lossy(&fsck.stderr)
-    );
+    t.node.fsck();
 }
 
 #[test]
@@ -1012,17 +958,7 @@ print("deployed", troops.commit)
     }
     let left = leftovers_under(&t.node.path("var/lib/troops"));
     assert!(left.is_empty(), "left behind: {left:#?}");
-    let fsck = Command::new("git")
-        .arg("--git-dir")
-        .arg(t.node.state_repo())
-        .args(["fsck", "--no-dangling"])
-        .output()
-        .unwrap();
-    assert!(
-        fsck.status.success(),
-        "{}",
-        String::from_utf8_lossy(&fsck.stderr)
-    );
+    t.node.fsck();
 }
 
 #[test]
@@ -1146,17 +1082,7 @@ fn losing_only_the_oldest_pack_is_repaired_too() {
     assert_eq!(out.code, 0, "{}", out.all());
     assert_eq!(t.node.deployed().as_ref(), Some(&three));
     assert_eq!(t.node.read("out/tag").as_deref(), Some("three"));
-    let fsck = Command::new("git")
-        .arg("--git-dir")
-        .arg(t.node.state_repo())
-        .args(["fsck", "--no-dangling"])
-        .output()
-        .unwrap();
-    assert!(
-        fsck.status.success(),
-        "{}",
-        String::from_utf8_lossy(&fsck.stderr)
-    );
+    t.node.fsck();
 }
 
 #[test]

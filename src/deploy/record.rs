@@ -64,8 +64,8 @@ pub struct RunRecord {
 impl RunRecord {
     /// The record as it stands when no run holds the node lock: one still marked running
     /// belongs to an agent that died (kill -9, a power cut), and says so.
-    pub fn settled(mut self, lock_free: bool) -> Self {
-        if lock_free && self.result == Outcome::Running {
+    fn settled(mut self) -> Self {
+        if self.result == Outcome::Running {
             self.result = Outcome::Interrupted;
             self.error = Some(INTERRUPTED.into());
         }
@@ -176,7 +176,7 @@ impl RunStore {
         if let Some(r) = self.latest()
             && r.result == Outcome::Running
         {
-            self.save(&r.settled(true))?;
+            self.save(&r.settled())?;
         }
         Ok(())
     }
@@ -188,7 +188,7 @@ impl RunStore {
         if record.result != Outcome::Running || crate::lock::is_held(lock) != Some(false) {
             return record;
         }
-        self.load(record.id).unwrap_or(record).settled(true)
+        self.load(record.id).unwrap_or(record).settled()
     }
 
     /// Remove the scratch files (`N.context.json`, `N.results.json`) runs that died left
