@@ -27,8 +27,20 @@ need_apt() {
 # lintian: the package check (packaging/check-deb). debootstrap, systemd-container
 # (systemd-nspawn) and iproute2: the booted test's Debian images, nodes and their network.
 # faketime: the fault suite runs troops with its clock before 1970 and after 9999.
+# nginx, fcgiwrap, tinyproxy, openssl: the hosting tests serve git over HTTPS with
+# git-http-backend and a CA of their own, through a real proxy, all on loopback ports.
 need_apt git python3 python3-venv openssh-client openssh-server passwd procps ca-certificates gzip systemd gnupg lintian \
-    debootstrap systemd-container iproute2 util-linux faketime
+    debootstrap systemd-container iproute2 util-linux faketime openssl
+# Their packages start system services on install; the tests start their own instances,
+# so none is started here (policy-rc.d says "not now" for the duration of the install).
+no_services() {
+    local policy=/usr/sbin/policy-rc.d
+    if [ -e "$policy" ]; then need_apt "$@"; return; fi
+    as_root sh -c "printf '#!/bin/sh\nexit 101\n' > $policy && chmod 755 $policy"
+    need_apt "$@" || { as_root rm -f "$policy"; return 1; }
+    as_root rm -f "$policy"
+}
+no_services nginx fcgiwrap tinyproxy
 
 if ! command -v cargo >/dev/null; then
     # shellcheck disable=SC1091

@@ -117,6 +117,8 @@ pub struct FetchResult {
     pub remote: String,
     pub url: String,
     pub fetched: Fetched,
+    /// Where the server redirected the repository to, redacted.
+    pub moved_to: Option<String>,
 }
 
 /// A worker's stderr on one line: what ssh said (gix does not capture it, and "Host key
@@ -139,20 +141,29 @@ fn summarise(stderr: &str) -> String {
 pub mod wire {
     use super::*;
 
-    pub fn tip(tip: Option<CommitId>) -> String {
-        match tip {
-            Some(t) => format!("tip {t}"),
-            None => "no-branch".into(),
+    /// The tip (or `no-branch`) on the first line; `moved URL` on the next if redirected.
+    pub fn fetched(f: &crate::repo::Fetch) -> String {
+        let mut out = match f.tip {
+            Some(t) => format!("tip {t}\n"),
+            None => "no-branch\n".into(),
+        };
+        if let Some(url) = &f.moved_to {
+            out.push_str(&format!("moved {url}\n"));
         }
+        out
     }
 
-    pub fn parse(stdout: &str) -> Option<Fetched> {
-        let line = stdout.lines().next()?.trim();
-        if line == "no-branch" {
-            return Some(Fetched::NoBranch);
-        }
-        let tip = line.strip_prefix("tip ")?.parse().ok()?;
-        Some(Fetched::Tip { tip })
+    pub fn parse(stdout: &str) -> Option<(Fetched, Option<String>)> {
+        let mut lines = stdout.lines().map(str::trim);
+        let line = lines.next()?;
+        let fetched = match line {
+            "no-branch" => Fetched::NoBranch,
+            _ => Fetched::Tip {
+                tip: line.strip_prefix("tip ")?.parse().ok()?,
+            },
+        };
+        let moved = lines.find_map(|l| l.strip_prefix("moved ").map(str::to_owned));
+        Some((fetched, moved))
     }
 }
 
@@ -179,8 +190,10 @@ pub fn fetch_all(
             .arg(root)
             .args(["__fetch", name, branch])
             // Whatever the caller's environment says about ssh or git (GIT_SSH_COMMAND, an
-            // agent, GIT_CONFIG_*), fetches use the node's own key and settings.
+            // agent, GIT_CONFIG_*), fetches use the node's own key and settings; only the
+            // proxy and CA conventions pass, as the unit's environment set them.
             .env_clear()
+            .envs(crate::hosting::Env::from_process().vars)
             .env(
                 "PATH",
                 std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
@@ -199,6 +212,7 @@ pub fn fetch_all(
                     Fetched::Failed {
                         error: format!("failed to start {}: {e}", exe.display()),
                     },
+                    None,
                 ));
                 return None;
             }
@@ -215,26 +229,32 @@ pub fn fetch_all(
                 let _ = s.read_to_string(&mut err);
             }
             let status = child.wait();
-            let fetched = match (status, wire::parse(&out)) {
+            let (fetched, moved) = match (status, wire::parse(&out)) {
                 (Ok(s), Some(f)) if s.success() => f,
-                (Ok(s), _) => Fetched::Failed {
-                    error: match summarise(&err) {
-                        e if e.is_empty() => format!("fetch exited with {s}"),
-                        e => e,
+                (Ok(s), _) => (
+                    Fetched::Failed {
+                        error: match summarise(&err) {
+                            e if e.is_empty() => format!("fetch exited with {s}"),
+                            e => e,
+                        },
                     },
-                },
-                (Err(e), _) => Fetched::Failed {
-                    error: e.to_string(),
-                },
+                    None,
+                ),
+                (Err(e), _) => (
+                    Fetched::Failed {
+                        error: e.to_string(),
+                    },
+                    None,
+                ),
             };
-            let _ = tx.send((i, fetched));
+            let _ = tx.send((i, fetched, moved));
         });
         Some(pid)
     };
 
     // At most `jobs` workers at once; each remote gets its own `timeout` from its start.
     let jobs = jobs.max(1);
-    let mut results: Vec<Option<Fetched>> = vec![None; remotes.len()];
+    let mut results: Vec<Option<(Fetched, Option<String>)>> = vec![None; remotes.len()];
     let mut running: Vec<(usize, Option<u32>, Instant)> = Vec::new();
     let mut next = 0;
     let mut done = 0;
@@ -250,9 +270,9 @@ pub fn fetch_all(
             .unwrap_or_else(Instant::now);
         let left = first_deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
-            Ok((i, f)) => {
+            Ok((i, f, moved)) => {
                 if results[i].is_none() {
-                    results[i] = Some(f);
+                    results[i] = Some((f, moved));
                     done += 1;
                 }
                 running.retain(|r| r.0 != i);
@@ -265,9 +285,12 @@ pub fn fetch_all(
                         unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
                     }
                     if results[i].is_none() {
-                        results[i] = Some(Fetched::TimedOut {
-                            seconds: timeout.as_secs(),
-                        });
+                        results[i] = Some((
+                            Fetched::TimedOut {
+                                seconds: timeout.as_secs(),
+                            },
+                            None,
+                        ));
                         done += 1;
                     }
                 }
@@ -279,12 +302,19 @@ pub fn fetch_all(
     remotes
         .iter()
         .zip(results)
-        .map(|((name, url), f)| FetchResult {
-            remote: name.clone(),
-            url: crate::repo::redact_url(url),
-            fetched: f.unwrap_or(Fetched::Failed {
-                error: "fetch worker vanished".into(),
-            }),
+        .map(|((name, url), f)| {
+            let (fetched, moved_to) = f.unwrap_or((
+                Fetched::Failed {
+                    error: "fetch worker vanished".into(),
+                },
+                None,
+            ));
+            FetchResult {
+                remote: name.clone(),
+                url: crate::repo::redact_url(url),
+                fetched,
+                moved_to,
+            }
         })
         .collect()
 }
@@ -295,12 +325,23 @@ mod tests {
 
     #[test]
     fn wire_round_trip() {
+        use crate::repo::Fetch;
         let t: CommitId = "0123456789abcdef0123456789abcdef01234567".parse().unwrap();
+        let moved = Some("https://new/x.git".to_owned());
         assert_eq!(
-            wire::parse(&wire::tip(Some(t))),
-            Some(Fetched::Tip { tip: t })
+            wire::parse(&wire::fetched(&Fetch {
+                tip: Some(t),
+                moved_to: moved.clone()
+            })),
+            Some((Fetched::Tip { tip: t }, moved))
         );
-        assert_eq!(wire::parse(&wire::tip(None)), Some(Fetched::NoBranch));
+        assert_eq!(
+            wire::parse(&wire::fetched(&Fetch {
+                tip: None,
+                moved_to: None
+            })),
+            Some((Fetched::NoBranch, None))
+        );
         assert_eq!(wire::parse("garbage"), None);
         assert_eq!(wire::parse(""), None);
     }

@@ -12,6 +12,7 @@ pub mod fetch;
 pub mod fsutil;
 pub mod gate;
 pub mod hook;
+pub mod hosting;
 pub mod init;
 pub mod keys;
 pub mod lock;

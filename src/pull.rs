@@ -57,6 +57,9 @@ pub struct RemoteReport {
     pub standing: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub problem: Option<String>,
+    /// Where the server redirected the repository to: the remote works, its URL is old.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_to: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -79,6 +82,10 @@ pub struct PullReport {
     /// What this pull repaired before it began (stale locks), for status and the journal.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub repaired: Vec<String>,
+    /// What the node's git hosting settings put at risk or ignore (`http.sslVerify=false`,
+    /// keys troops does not support): said on every pull until fixed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 impl PullReport {
@@ -297,6 +304,30 @@ fn replay(run: &RunRecord, out: &mut dyn Output) {
     }
 }
 
+/// What the node's git hosting settings put at risk or leave unused, for each http(s)
+/// remote: the same plan its fetch worker follows. Said on every pull.
+fn hosting_warnings(layout: &crate::paths::Layout, remotes: &[(String, String)]) -> Vec<String> {
+    let config = match crate::repo::system_config(&layout.system_gitconfig()) {
+        Ok(c) => c,
+        Err(e) => return vec![e.to_string()],
+    };
+    let env = crate::hosting::Env::from_process();
+    let mut warnings: Vec<String> = Vec::new();
+    for (name, url) in remotes {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            continue;
+        }
+        let bare = crate::repo::split_credentials(url).map_or(url.clone(), |(_, _, b)| b);
+        for w in crate::hosting::plan(&config, &env, name, &bare).warnings {
+            if !warnings.contains(&w) {
+                tracing::warn!("{w}");
+                warnings.push(w);
+            }
+        }
+    }
+    warnings
+}
+
 fn save_json<T: Serialize>(path: &Path, value: &T) -> Result<(), PullError> {
     let bytes = serde_json::to_vec_pretty(value).expect("state serialises");
     fsutil::write_atomic(path, &bytes, 0o640).map_err(|source| PullError::State {
@@ -438,6 +469,9 @@ pub fn pull(
         if let Some(p) = &problem {
             tracing::warn!(remote = %f.remote, "remote {} ({}): {p}", f.remote, f.url);
         }
+        if let Some(to) = &f.moved_to {
+            tracing::warn!(remote = %f.remote, "remote {} ({}): moved to {to}; update its URL", f.remote, f.url);
+        }
         remotes_report.push(RemoteReport {
             name: f.remote.clone(),
             url: f.url.clone(),
@@ -450,6 +484,7 @@ pub fn pull(
                     .unwrap_or_default()
             }),
             problem,
+            moved_to: f.moved_to.clone(),
         });
     }
 
@@ -497,6 +532,7 @@ pub fn pull(
         disagree: decision.disagree.clone(),
         waiting: None,
         repaired,
+        warnings: hosting_warnings(layout, &remotes),
     };
 
     let head = repo.ref_target(&branch_ref)?;

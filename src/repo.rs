@@ -225,6 +225,42 @@ fn read_config(path: &Path, what: &str) -> Result<gix::config::File, RepoError> 
         .map_err(|e| fail(format!("not a git config file: {}", chain(&e))))
 }
 
+/// The node's system git config (`<root>/etc/gitconfig`), read as data like every config
+/// troops reads. Absent: empty.
+pub fn system_config(path: &Path) -> Result<crate::hosting::SystemConfig, RepoError> {
+    use std::os::unix::fs::MetadataExt;
+    let parsed = read_config(path, "read the system git config")?;
+    let mut entries = Vec::new();
+    for section in parsed.sections() {
+        let header = section.header();
+        let body = section.body();
+        // value_names is in file order; values(name) holds each name's values in order.
+        let mut taken: std::collections::HashMap<String, usize> = Default::default();
+        for name in body.value_names() {
+            let i = taken.entry(name.to_ascii_lowercase()).or_default();
+            let value = body.values(&name).get(*i).map(|v| v.to_string());
+            *i += 1;
+            entries.push(crate::hosting::Entry {
+                section: header.name().to_string().to_ascii_lowercase(),
+                subsection: header.subsection_name().map(|s| s.to_string()),
+                name,
+                value,
+            });
+        }
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let root_owned = match std::fs::symlink_metadata(path) {
+        Ok(m) => (m.uid() == 0 || m.uid() == me) && m.mode() & 0o022 == 0,
+        Err(_) => true,
+    };
+    Ok(crate::hosting::SystemConfig {
+        entries,
+        root_owned,
+        path: path.display().to_string(),
+    })
+}
+
 /// A repository's new config, written into its lock file (`config.lock`, created
 /// exclusively) and not yet in place: init stages it with everything else, and a failure
 /// before `commit` leaves the old config untouched.
@@ -393,6 +429,123 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     out.replace('\n', " ")
 }
 
+/// What one fetch of a remote found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetch {
+    /// None: the remote has no such branch.
+    pub tip: Option<CommitId>,
+    /// Where an HTTP server redirected the repository to (redacted), if it did.
+    pub moved_to: Option<String>,
+}
+
+struct FetchAttempt<'a> {
+    remote: &'a str,
+    url: &'a str,
+    branch: &'a str,
+    tracking: &'a str,
+    account: Option<(String, String)>,
+    plan: &'a crate::hosting::Plan,
+}
+
+/// gix's HTTP options for `plan`. gix's reqwest backend leaves proxy, CA and certificate
+/// checks to the client it builds, so those are set on the client here.
+fn http_options(
+    plan: &crate::hosting::Plan,
+) -> Result<gix::protocol::transport::client::blocking_io::http::Options, RepoError> {
+    use gix::protocol::transport::client::blocking_io::http;
+    use http::options::FollowRedirects;
+    let config_error = |what: String, message: String| RepoError::Git {
+        path: PathBuf::from("/etc/gitconfig"),
+        what,
+        message,
+    };
+    let proxy = match &plan.proxy {
+        Some(p) => Some(
+            reqwest::Proxy::all(p.as_str())
+                .map_err(|e| config_error(format!("use the proxy {}", redact_url(p)), chain(&e)))?,
+        ),
+        None => None,
+    };
+    let roots = match &plan.ca_info {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| RepoError::Git {
+                path: path.clone(),
+                what: "read the CA bundle named by http.sslCAInfo".into(),
+                message: e.to_string(),
+            })?;
+            let certs =
+                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| RepoError::Git {
+                    path: path.clone(),
+                    what: "read the CA bundle named by http.sslCAInfo".into(),
+                    message: chain(&e),
+                })?;
+            if certs.is_empty() {
+                return Err(RepoError::Git {
+                    path: path.clone(),
+                    what: "read the CA bundle named by http.sslCAInfo".into(),
+                    message: "no PEM certificate in it".into(),
+                });
+            }
+            Some(certs)
+        }
+        None => None,
+    };
+    let verify = plan.verify;
+    let configure_client: Box<http::reqwest::ConfigureClientFn> = Box::new(move |builder| {
+        // Never reqwest's own reading of the environment: the plan already chose, with
+        // git's precedence and no_proxy, and loopback is proxied like any other host.
+        let mut builder = builder.no_proxy();
+        if let Some(p) = proxy.clone() {
+            builder = builder.proxy(p);
+        }
+        if let Some(certs) = roots.clone() {
+            builder = builder.tls_certs_only(certs);
+        }
+        if !verify {
+            builder = builder.danger_accept_invalid_certs(true);
+        }
+        Ok(builder)
+    });
+    let backend = http::reqwest::Options {
+        configure_client: Some(configure_client),
+        configure_request: None,
+    };
+    Ok(http::Options {
+        extra_headers: plan.extra_headers.clone(),
+        follow_redirects: match plan.redirects {
+            crate::hosting::Redirects::Initial => FollowRedirects::Initial,
+            crate::hosting::Redirects::All => FollowRedirects::All,
+            crate::hosting::Redirects::None => FollowRedirects::None,
+        },
+        user_agent: Some(format!("git/2.0 (troops {})", env!("CARGO_PKG_VERSION"))),
+        backend: Some(std::sync::Arc::new(std::sync::Mutex::new(backend))),
+        ..Default::default()
+    })
+}
+
+/// A fetch error as an operator needs it: a refused or missing credential said plainly,
+/// and the proxy named when one was in the way.
+fn explain_fetch_error(message: &str, url: &str, plan: &crate::hosting::Plan) -> String {
+    let auth = [
+        "AuthenticationRequired",
+        "authentication required",
+        "HTTP status 401",
+        "No credentials were returned",
+    ];
+    let message = match auth.iter().any(|a| message.contains(a)) {
+        true => format!(
+            "the server refused the credentials (HTTP 401) for {}",
+            redact_url(url)
+        ),
+        false => message.to_owned(),
+    };
+    let is_http = url.starts_with("http://") || url.starts_with("https://");
+    match (&plan.proxy, is_http) {
+        (Some(p), true) => format!("{message} (through the proxy {})", redact_url(p)),
+        _ => message,
+    }
+}
+
 pub struct Repo {
     repo: gix::Repository,
     path: PathBuf,
@@ -484,9 +637,10 @@ impl Repo {
         Repo::open(path)
     }
 
-    /// Fetch `branch` from `url` into `tracking`; `remote` names it in errors. `Ok(None)`
-    /// when the remote has no such branch. `account` answers an HTTP server that asks for
-    /// credentials; with none, the server's refusal is the error (never a prompt).
+    /// Fetch `branch` from `url` into `tracking`; `remote` names it in errors. The tip is
+    /// `None` when the remote has no such branch. `account` answers an HTTP server that asks
+    /// for credentials before `plan`'s helpers do; with neither, the server's refusal is the
+    /// error (never a prompt). `plan` says how to reach an http(s) URL.
     pub fn fetch_branch(
         &self,
         remote: &str,
@@ -494,36 +648,38 @@ impl Repo {
         branch: &str,
         tracking: &str,
         account: Option<(String, String)>,
-    ) -> Result<Option<CommitId>, RepoError> {
+        plan: &crate::hosting::Plan,
+    ) -> Result<Fetch, RepoError> {
         // Remotes are fetched in parallel, each on its own: a slow one holds nothing the
         // others need. Mirrors can send byte-identical packs with identical names, which may
         // collide in objects/pack; the one that loses tries again, serialised, and finds
         // the objects already there.
-        match self.fetch_attempt(remote, url, branch, tracking, account.clone(), false) {
+        let attempt = FetchAttempt {
+            remote,
+            url,
+            branch,
+            tracking,
+            account,
+            plan,
+        };
+        match self.fetch_attempt(&attempt, false) {
             Err(RepoError::Fetch { message, .. }) if collided(&message) => {
                 tracing::debug!("{remote}: a pack collided with another fetch's; again");
-                self.fetch_attempt(remote, url, branch, tracking, account, true)
+                self.fetch_attempt(&attempt, true)
             }
             other => other,
         }
     }
 
-    fn fetch_attempt(
-        &self,
-        remote: &str,
-        url: &str,
-        branch: &str,
-        tracking: &str,
-        account: Option<(String, String)>,
-        serialise: bool,
-    ) -> Result<Option<CommitId>, RepoError> {
+    fn fetch_attempt(&self, a: &FetchAttempt<'_>, serialise: bool) -> Result<Fetch, RepoError> {
+        let url = a.url;
         let fail = |e: &(dyn std::error::Error + 'static)| RepoError::Fetch {
-            remote: remote.to_owned(),
+            remote: a.remote.to_owned(),
             url: redact_url(url),
-            message: redact_text(&chain(e), &[url]),
+            message: explain_fetch_error(&redact_text(&chain(e), &[url]), url, a.plan),
         };
         // Only the followed branch, whatever refspecs the remote is configured with.
-        let spec = format!("+refs/heads/{branch}:{tracking}");
+        let spec = format!("+refs/heads/{}:{}", a.branch, a.tracking);
         let anonymous = self
             .repo
             .remote_at(url)
@@ -531,48 +687,98 @@ impl Repo {
             .with_refspecs([spec.as_str()], Direction::Fetch)
             .map_err(|e| fail(&e))?
             .with_fetch_tags(gix::remote::fetch::Tags::None);
-        let connection = anonymous.connect(Direction::Fetch).map_err(|e| fail(&e))?;
-        // ssh authenticates with the node's key through core.sshCommand; gix would otherwise
-        // ask this callback for a password and report "no credentials" instead of ssh's error.
-        let connection = if url.starts_with("http://") || url.starts_with("https://") {
-            // The account is for the URL's own host: a redirect elsewhere is asked, and
-            // answered with nothing.
-            let own = gix::url::parse(gix::bstr::BStr::new(url))
-                .ok()
-                .and_then(|u| {
-                    let host = u.host()?.to_owned();
-                    let host = match u.port {
-                        Some(p) => format!("{host}:{p}"),
-                        None => host,
-                    };
-                    Some((u.scheme.as_str().to_owned(), host))
+        let is_http = url.starts_with("http://") || url.starts_with("https://");
+        if !is_http {
+            let connection = anonymous.connect(Direction::Fetch).map_err(|e| fail(&e))?;
+            return self
+                .receive(connection, a, serialise, &fail)
+                .map(|tip| Fetch {
+                    tip,
+                    moved_to: None,
                 });
-            connection.with_credentials(move |action| match action {
-                gix::credentials::helper::Action::Get(ctx)
-                    if own.as_ref().is_none_or(|(scheme, host)| {
-                        ctx.protocol.as_deref() != Some(scheme.as_str())
-                            || ctx.host.as_deref() != Some(host.as_str())
-                    }) =>
-                {
-                    Ok(None)
-                }
-                gix::credentials::helper::Action::Get(ctx) => {
-                    Ok(account.clone().map(|(username, password)| {
-                        gix::credentials::protocol::Outcome {
-                            identity: gix::sec::identity::Account {
-                                username,
-                                password,
-                                oauth_refresh_token: None,
-                            },
-                            next: ctx.into(),
-                        }
-                    }))
-                }
-                _ => Ok(None),
-            })
-        } else {
-            connection
+        }
+        // Over HTTP the transport is made here, not by gix from the repo's config: its
+        // options come from the plan (the node's system git config and environment), and it
+        // outlives the fetch so that a redirect can be read back from it.
+        let parsed = gix::url::parse(gix::bstr::BStr::new(url)).map_err(|e| fail(&e))?;
+        let mut transport = gix::protocol::transport::client::blocking_io::http::connect::<
+            gix::protocol::transport::client::blocking_io::http::reqwest::Remote,
+        >(parsed, gix::protocol::transport::Protocol::V2, false);
+        let asked = transport.to_url().to_string();
+        let connection = anonymous
+            .to_connection_with_transport(&mut transport)
+            .with_transport_options(Box::new(http_options(a.plan)?));
+        // The account is for the URL's own host: a redirect elsewhere is asked, and
+        // answered with nothing. Helpers from the system config are asked for any host, as
+        // git asks them; each decides what it answers for.
+        let own = gix::url::parse(gix::bstr::BStr::new(url))
+            .ok()
+            .and_then(|u| {
+                let host = u.host()?.to_owned();
+                let host = match u.port {
+                    Some(p) => format!("{host}:{p}"),
+                    None => host,
+                };
+                Some((u.scheme.as_str().to_owned(), host))
+            });
+        let account = a.account.clone();
+        let mut helpers = gix::credentials::helper::Cascade::default();
+        helpers.programs.clear();
+        let helpers =
+            helpers.extend(a.plan.helpers.iter().filter_map(|h| {
+                gix::credentials::Program::from_custom_definition(h.as_str()).ok()
+            }));
+        let helpers = std::sync::Mutex::new(helpers);
+        // Never a prompt, whatever terminal troops was started from.
+        let quiet = gix::prompt::Options {
+            askpass: None,
+            mode: gix::prompt::Mode::Disable,
         };
+        let connection = connection.with_credentials(move |action| {
+            if let gix::credentials::helper::Action::Get(ctx) = &action {
+                // gix hands over the URL; protocol and host are filled in from it here.
+                let mut asked = ctx.clone();
+                let asked = asked.destructure_url_in_place(false).ok();
+                let ours = own.as_ref().zip(asked).is_some_and(|((scheme, host), c)| {
+                    c.protocol.as_deref() == Some(scheme.as_str())
+                        && c.host.as_deref() == Some(host.as_str())
+                });
+                if let (true, Some((username, password))) = (ours, account.clone()) {
+                    return Ok(Some(gix::credentials::protocol::Outcome {
+                        identity: gix::sec::identity::Account {
+                            username,
+                            password,
+                            oauth_refresh_token: None,
+                        },
+                        next: ctx.clone().into(),
+                    }));
+                }
+            }
+            let mut helpers = helpers.lock().unwrap_or_else(|p| p.into_inner());
+            match helpers.programs.is_empty() {
+                true => Ok(None),
+                false => helpers.invoke(action, quiet.clone()),
+            }
+        });
+        let tip = self.receive(connection, a, serialise, &fail)?;
+        use gix::protocol::transport::client::TransportWithoutIO;
+        let now = transport.to_url().to_string();
+        Ok(Fetch {
+            tip,
+            moved_to: (now != asked).then(|| redact_url(&now)),
+        })
+    }
+
+    /// The fetch proper over an open connection: the ref map, then the pack if the branch
+    /// is there.
+    fn receive<'c, T: gix::protocol::transport::client::blocking_io::Transport>(
+        &self,
+        connection: gix::remote::Connection<'c, '_, '_, T>,
+        a: &FetchAttempt<'_>,
+        serialise: bool,
+        fail: &dyn Fn(&(dyn std::error::Error + 'static)) -> RepoError,
+    ) -> Result<Option<CommitId>, RepoError> {
+        let tracking = a.tracking;
         let prepared = connection
             .prepare_fetch(gix::progress::Discard, Default::default())
             .map_err(|e| fail(&e))?;

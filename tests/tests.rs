@@ -9,6 +9,7 @@ mod deploy;
 mod faults;
 mod first_boot;
 mod gates;
+mod hosting;
 mod pull;
 mod push;
 mod rollout;

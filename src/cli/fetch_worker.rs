@@ -46,12 +46,22 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
             // What members pushed is checked object by object as it arrives.
             let fsck = args.remote == fetch::PUSHED;
             repo.fetch_local_as_group(&args.remote, &url, &args.branch, &tracking, gid, fsck)
+                .map(|tip| troops::repo::Fetch {
+                    tip,
+                    moved_to: None,
+                })
         }
-        false => repo.fetch_branch(&args.remote, &url, &args.branch, &tracking, account),
+        false => {
+            let bare = troops::repo::split_credentials(&url).map_or(url.clone(), |(_, _, b)| b);
+            let config = troops::repo::system_config(&layout.system_gitconfig())?;
+            let env = troops::hosting::Env::from_process();
+            let plan = troops::hosting::plan(&config, &env, &args.remote, &bare);
+            repo.fetch_branch(&args.remote, &url, &args.branch, &tracking, account, &plan)
+        }
     };
     match fetched {
-        Ok(tip) => {
-            println!("{}", wire::tip(tip));
+        Ok(fetched) => {
+            print!("{}", wire::fetched(&fetched));
             Ok(0)
         }
         // The parent reports it beside the remote's name and URL: just what went wrong.

@@ -105,6 +105,12 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
                     _ => r.fetch.clone(),
                 };
                 println!("  {:<10} {:<40} {what}", r.name, r.url);
+                if let Some(to) = &r.moved_to {
+                    println!("  {:<10} moved to {to} (update the remote's URL)", "");
+                }
+            }
+            for w in &p.warnings {
+                println!("WARNING   {w}");
             }
             if !p.disagree.is_empty() {
                 println!(
