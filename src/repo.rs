@@ -571,9 +571,13 @@ impl Repo {
         // not decide what root (or the pre-receive hook) reads.
         let mut permissions = gix::open::Permissions::isolated();
         permissions.env.http_transport = gix::sec::Permission::Allow;
+        // The node's ssh command is OpenSSH: said here, gix does not first run it with `-G`
+        // (through `sh -c`) before every ssh fetch to find out.
         let repo = gix::open_opts(
             path,
-            gix::open::Options::isolated().permissions(permissions),
+            gix::open::Options::isolated()
+                .permissions(permissions)
+                .config_overrides(["ssh.variant=ssh"]),
         )
         .map_err(|e| RepoError::Git {
             path: path.to_owned(),

@@ -224,3 +224,42 @@ fn a_host_whose_key_is_not_pinned_is_refused() {
         "{known}"
     );
 }
+
+#[test]
+fn an_ssh_fetch_runs_ssh_once_without_a_feature_probe() {
+    let world = World::new();
+    let sshd = Sshd::start(&world);
+    let remote = world.bare("origin");
+    let up = world.upstream("src");
+    up.write("deploy.py", &simple_deploy("one-ssh"));
+    let head = up.commit("one");
+    up.push(&remote);
+    let node = seeded_node(
+        &world,
+        "probe",
+        &sshd.url(&remote),
+        Some(&sshd.known_hosts_line()),
+    );
+    sshd.authorize("root", &node.troops(&["key"]).ok().stdout);
+    // An ssh on PATH that logs how it was called, then is the real one.
+    let bin = world.path("logged-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let log = world.path("ssh-calls");
+    let wrapper = bin.join("ssh");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> {}\nexec /usr/bin/ssh \"$@\"\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", bin.display());
+    node.troops_with_path(&["pull"], &path).ok();
+    assert_eq!(node.deployed().as_deref(), Some(head.as_str()));
+    let calls = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(calls.lines().count(), 1, "one ssh per fetch: {calls}");
+    assert!(!calls.contains(" -G "), "probed first: {calls}");
+}
