@@ -96,6 +96,8 @@ pub struct Plan {
     pub proxy: Option<String>,
     /// A CA bundle that replaces the system's roots (git's `http.sslCAInfo`).
     pub ca_info: Option<PathBuf>,
+    /// CAs trusted beside the roots (the seed's `ca_certs`); set by the caller.
+    pub extra_roots: Option<PathBuf>,
     pub verify: bool,
     pub extra_headers: Vec<String>,
     pub redirects: Redirects,
@@ -281,6 +283,7 @@ pub fn plan(config: &SystemConfig, env: &Env, remote: &str, url: &str) -> Plan {
         ca_info: last("sslcainfo")
             .filter(|p| !p.is_empty())
             .map(PathBuf::from),
+        extra_roots: None,
         verify,
         extra_headers,
         redirects,

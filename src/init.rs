@@ -76,6 +76,8 @@ pub struct Plan {
     hooks: Vec<(&'static str, String)>,
     /// Mark the repo safe for every user in the system git config.
     trust: bool,
+    /// The seed's proxy, when the system git config does not already say it.
+    proxy: Option<String>,
 }
 
 impl Plan {
@@ -356,6 +358,13 @@ pub fn plan(layout: &Layout, req: &Request) -> Result<Plan, InitError> {
         0o644,
         "socket group",
     );
+    if let Some(pem) = &seed.ca_certs {
+        let pem = match pem.ends_with('\n') {
+            true => pem.clone(),
+            false => format!("{pem}\n"),
+        };
+        want_file(layout.ca_certs(), pem, 0o644, "ca_certs");
+    }
     if let Some(lines) = &seed.allowed_signers {
         want_file(
             layout.allowed_signers(),
@@ -399,6 +408,26 @@ pub fn plan(layout: &Layout, req: &Request) -> Result<Plan, InitError> {
         ));
     }
 
+    // The seed's proxy goes where git and every fetch read it: the node's system git config.
+    let proxy = match &seed.proxy {
+        Some(p) => {
+            let now = crate::repo::system_config(&layout.system_gitconfig())?
+                .entries
+                .into_iter()
+                .rfind(|e| e.key().eq_ignore_ascii_case("http.proxy"))
+                .and_then(|e| e.value);
+            (now.as_deref() != Some(p.as_str())).then(|| {
+                changes.push(format!(
+                    "git: http.proxy = {} in {}",
+                    crate::repo::redact_url(p),
+                    layout.system_gitconfig().display()
+                ));
+                p.clone()
+            })
+        }
+        None => None,
+    };
+
     let group = settings.admin_group.clone();
     let create_group = accounts::group_gid(&group)?.is_none();
     if create_group {
@@ -432,6 +461,7 @@ pub fn plan(layout: &Layout, req: &Request) -> Result<Plan, InitError> {
         admins,
         hooks,
         trust,
+        proxy,
     })
 }
 
@@ -791,6 +821,9 @@ fn stage_and_commit(
     fsutil::create_dirs(&layout.ssh_dir(), 0o700).map_err(io_err(&layout.ssh_dir()))?;
     if plan.trust {
         crate::repo::trust_for_all(&layout.system_gitconfig(), &layout.repo())?;
+    }
+    if let Some(p) = &plan.proxy {
+        crate::repo::set_system_value(&layout.system_gitconfig(), "http.proxy", p)?;
     }
     for a in &plan.admins {
         accounts::add_member(a, group)?;

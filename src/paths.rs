@@ -67,6 +67,10 @@ impl Layout {
     pub fn credentials(&self) -> PathBuf {
         self.under("etc/troops/credentials")
     }
+    /// CAs from the seed's `ca_certs`, trusted for HTTPS remotes beside the system's roots.
+    pub fn ca_certs(&self) -> PathBuf {
+        self.under("etc/troops/ca-certificates.pem")
+    }
     /// The drop-in that gives troops.socket the admin group.
     pub fn socket_dropin(&self) -> PathBuf {
         self.under("etc/systemd/system/troops.socket.d/troops-group.conf")

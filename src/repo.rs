@@ -161,6 +161,27 @@ pub fn trust_for_all(config: &Path, repo: &Path) -> Result<(), RepoError> {
     Ok(())
 }
 
+/// Set `key` to `value` in a system git config, replacing every earlier value (git writes the
+/// file under its lock).
+pub fn set_system_value(config: &Path, key: &str, value: &str) -> Result<(), RepoError> {
+    let fail = |message: String| RepoError::Git {
+        path: config.to_owned(),
+        what: format!("set {key}"),
+        message,
+    };
+    let out = std::process::Command::new("git")
+        .arg("config")
+        .arg("--file")
+        .arg(config)
+        .args(["--replace-all", key, value])
+        .output()
+        .map_err(|e| fail(e.to_string()))?;
+    if !out.status.success() {
+        return Err(fail(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
+    }
+    Ok(())
+}
+
 /// Ancestry as git's own CLI sees it from inside a hook: receive-pack keeps a push's objects
 /// in a quarantine that only git (through the environment it sets) can see, gix cannot.
 pub fn hook_is_ancestor(ancestor: CommitId, descendant: CommitId) -> Result<bool, RepoError> {
@@ -466,29 +487,23 @@ fn http_options(
         ),
         None => None,
     };
+    let bundle = |path: &PathBuf, what: &str| -> Result<Vec<reqwest::Certificate>, RepoError> {
+        let fail = |message: String| RepoError::Git {
+            path: path.clone(),
+            what: format!("read the CA bundle {what}"),
+            message,
+        };
+        let pem = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+        check_ca_bundle(&pem).map_err(fail)?;
+        reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| fail(chain(&e)))
+    };
     let roots = match &plan.ca_info {
-        Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| RepoError::Git {
-                path: path.clone(),
-                what: "read the CA bundle named by http.sslCAInfo".into(),
-                message: e.to_string(),
-            })?;
-            let certs =
-                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| RepoError::Git {
-                    path: path.clone(),
-                    what: "read the CA bundle named by http.sslCAInfo".into(),
-                    message: chain(&e),
-                })?;
-            if certs.is_empty() {
-                return Err(RepoError::Git {
-                    path: path.clone(),
-                    what: "read the CA bundle named by http.sslCAInfo".into(),
-                    message: "no PEM certificate in it".into(),
-                });
-            }
-            Some(certs)
-        }
+        Some(path) => Some(bundle(path, "named by http.sslCAInfo")?),
         None => None,
+    };
+    let extra = match &plan.extra_roots {
+        Some(path) => bundle(path, "from the seed's ca_certs")?,
+        None => Vec::new(),
     };
     let verify = plan.verify;
     let configure_client: Box<http::reqwest::ConfigureClientFn> = Box::new(move |builder| {
@@ -498,8 +513,11 @@ fn http_options(
         if let Some(p) = proxy.clone() {
             builder = builder.proxy(p);
         }
-        if let Some(certs) = roots.clone() {
-            builder = builder.tls_certs_only(certs);
+        // git's http.sslCAInfo replaces the system's roots; the seed's CAs add to them.
+        match roots.clone() {
+            Some(certs) => builder = builder.tls_certs_only(certs.into_iter().chain(extra.clone())),
+            None if !extra.is_empty() => builder = builder.tls_certs_merge(extra.clone()),
+            None => {}
         }
         if !verify {
             builder = builder.danger_accept_invalid_certs(true);
@@ -521,6 +539,24 @@ fn http_options(
         backend: Some(std::sync::Arc::new(std::sync::Mutex::new(backend))),
         ..Default::default()
     })
+}
+
+/// How many certificates a PEM bundle holds; an error naming what is wrong when it holds
+/// none or cannot be read.
+pub fn check_ca_bundle(pem: &[u8]) -> Result<usize, String> {
+    let certs = reqwest::Certificate::from_pem_bundle(pem)
+        .map_err(|e| format!("not PEM certificates: {}", chain(&e)))?;
+    if certs.is_empty() {
+        return Err("no PEM certificate (-----BEGIN CERTIFICATE-----) in it".into());
+    }
+    let n = certs.len();
+    // Loading PEM only decodes base64; the certificates themselves are parsed when a client
+    // takes them as roots, so that is the check.
+    reqwest::blocking::Client::builder()
+        .tls_certs_only(certs)
+        .build()
+        .map_err(|e| format!("not usable as CA certificates: {}", chain(&e)))?;
+    Ok(n)
 }
 
 /// A fetch error as an operator needs it: a refused or missing credential said plainly,

@@ -615,3 +615,72 @@ fn the_shared_repos_config_cannot_set_a_proxy_or_a_helper() {
     assert_eq!(node.deployed().as_deref(), Some(commit.as_str()));
     assert!(!Path::new("/tmp/troops-helper-ran").exists());
 }
+
+#[test]
+fn a_first_boot_behind_a_proxy_with_a_company_ca_deploys() {
+    let world = World::new();
+    let https = GitHttps::start(&world);
+    let proxy = Tinyproxy::start(&world);
+    let bare = https.repo("app");
+    let commit = shipped(&world, &bare);
+    let node = world.node("firstboot");
+    let ca = std::fs::read_to_string(&https.ca).unwrap();
+    let seed = world.path("user-data");
+    std::fs::write(
+        &seed,
+        serde_json::json!({
+            "troops": {
+                "remotes": {"origin": https.url("open", "app")},
+                "proxy": proxy.url(),
+                "ca_certs": ca,
+            }
+        })
+        .to_string(),
+    )
+    .unwrap();
+    // A dead proxy in the environment: the seed's, in the system git config, wins.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let run: Run = node
+        .command(&[
+            "init",
+            "--group",
+            &node.group,
+            "--seed",
+            seed.to_str().unwrap(),
+        ])
+        .env("https_proxy", &dead)
+        .output()
+        .unwrap()
+        .into();
+    run.ok();
+    assert_eq!(node.deployed().as_deref(), Some(commit.as_str()));
+    assert!(
+        proxy.log().contains(&format!("localhost:{}", https.port)),
+        "{}",
+        proxy.log()
+    );
+    let gitconfig = node.read("etc/gitconfig").unwrap();
+    assert!(gitconfig.contains(&proxy.url()), "{gitconfig}");
+    assert_eq!(
+        node.read("etc/troops/ca-certificates.pem").as_deref(),
+        Some(ca.as_str())
+    );
+    // A seed whose CA is not PEM stops init, naming the key, and leaves nothing behind.
+    let bad = world.node("badca");
+    std::fs::write(
+        &seed,
+        r#"{"troops": {"remotes": {"origin": "https://h/x.git"}, "ca_certs": "-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n"}}"#,
+    )
+    .unwrap();
+    let run = bad
+        .troops(&[
+            "init",
+            "--group",
+            &bad.group,
+            "--seed",
+            seed.to_str().unwrap(),
+        ])
+        .failed();
+    assert!(run.stderr.contains("troops.ca_certs"), "{}", run.all());
+    assert!(!bad.path("etc/troops").exists());
+}

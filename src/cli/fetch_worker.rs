@@ -55,7 +55,8 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
             let bare = troops::repo::split_credentials(&url).map_or(url.clone(), |(_, _, b)| b);
             let config = troops::repo::system_config(&layout.system_gitconfig())?;
             let env = troops::hosting::Env::from_process();
-            let plan = troops::hosting::plan(&config, &env, &args.remote, &bare);
+            let mut plan = troops::hosting::plan(&config, &env, &args.remote, &bare);
+            plan.extra_roots = Some(layout.ca_certs()).filter(|p| p.exists());
             repo.fetch_branch(&args.remote, &url, &args.branch, &tracking, account, &plan)
         }
     };

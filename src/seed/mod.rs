@@ -32,6 +32,11 @@ pub struct Seed {
     pub known_hosts: Option<Vec<String>>,
     pub allowed_signers: Option<Vec<String>>,
     pub verify: Option<Verify>,
+    /// The HTTP(S) proxy every fetch goes through (written as `http.proxy` in the node's
+    /// system git config), so that a first boot behind an egress proxy works.
+    pub proxy: Option<String>,
+    /// PEM certificates trusted for HTTPS remotes beside the system's roots (a company CA).
+    pub ca_certs: Option<String>,
 }
 
 #[derive(Debug, Error)]
@@ -88,6 +93,12 @@ impl Seed {
                 }
             }
         }
+        if let Some(p) = &self.proxy {
+            check_proxy(p).map_err(|m| invalid("proxy", m))?;
+        }
+        if let Some(pem) = &self.ca_certs {
+            crate::repo::check_ca_bundle(pem.as_bytes()).map_err(|m| invalid("ca_certs", m))?;
+        }
         Ok(())
     }
 
@@ -103,12 +114,37 @@ impl Seed {
             known_hosts: over.known_hosts.or(self.known_hosts),
             allowed_signers: over.allowed_signers.or(self.allowed_signers),
             verify: over.verify.or(self.verify),
+            proxy: over.proxy.or(self.proxy),
+            ca_certs: over.ca_certs.or(self.ca_certs),
         }
     }
 
     pub fn is_empty(&self) -> bool {
         *self == Seed::default()
     }
+}
+
+/// A proxy as git's `http.proxy` takes it: `[scheme://]host:port`, over http, https or socks.
+/// Credentials are refused: the system git config they would live in is world-readable.
+fn check_proxy(proxy: &str) -> Result<(), String> {
+    let (scheme, rest) = proxy.split_once("://").unwrap_or(("http", proxy));
+    if !matches!(scheme, "http" | "https" | "socks5" | "socks5h") {
+        return Err(format!(
+            "{proxy:?}: the scheme must be http, https, socks5 or socks5h"
+        ));
+    }
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.contains('@') {
+        return Err(format!(
+            "{}: credentials in a proxy URL are not supported (they would be readable by every user in /etc/gitconfig)",
+            crate::repo::redact_url(&format!("http://{authority}"))
+        ));
+    }
+    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+    if host.is_empty() || proxy.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("{proxy:?} is not a proxy URL (http://host:port)"));
+    }
+    Ok(())
 }
 
 /// Where a seed can come from, in the order they are tried.

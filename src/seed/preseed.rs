@@ -5,14 +5,45 @@
 use super::{Seed, SeedError, Verify};
 
 /// Questions the package asks (packaging/debian/templates), each a debconf string.
-const QUESTIONS: [&str; 6] = [
+const QUESTIONS: [&str; 8] = [
     "troops/remotes",
     "troops/roles",
     "troops/branch",
     "troops/admins",
     "troops/verify",
     "troops/known_hosts",
+    "troops/proxy",
+    "troops/ca_certs",
 ];
+
+/// PEM text given on one line, as a debconf string must be: the BEGIN/END markers and the
+/// base64 between them, separated by spaces, put back on lines of their own.
+fn pem_from_line(value: &str) -> String {
+    let mut out = String::new();
+    let mut marker: Option<String> = None;
+    for token in value.split_whitespace() {
+        match marker.as_mut() {
+            Some(m) => {
+                m.push(' ');
+                m.push_str(token);
+            }
+            None if token.starts_with("-----") => marker = Some(token.to_owned()),
+            None => {
+                out.push_str(token);
+                out.push('\n');
+            }
+        }
+        if let Some(m) = &marker
+            && m.len() > 5
+            && m.ends_with("-----")
+        {
+            out.push_str(m);
+            out.push('\n');
+            marker = None;
+        }
+    }
+    out
+}
 
 fn list(value: &str) -> Vec<String> {
     value
@@ -63,6 +94,8 @@ pub fn from_answers(answers: &[(String, String)], origin: &str) -> Result<Option
                         .collect(),
                 )
             }
+            "troops/proxy" => seed.proxy = Some(v.to_owned()),
+            "troops/ca_certs" => seed.ca_certs = Some(pem_from_line(v)),
             "troops/verify" => {
                 seed.verify = Some(match v {
                     "none" => Verify::None,
@@ -176,6 +209,29 @@ troops troops/verify select tip
         assert_eq!(s.roles, Some(vec!["web".into(), "cache".into()]));
         assert_eq!(s.verify, Some(Verify::Tip));
         assert_eq!(parse_preseed("d-i foo/bar string x\n", "p").unwrap(), None);
+    }
+
+    const CA: &str = "-----BEGIN CERTIFICATE-----\nMIIBkjCCATegAwIBAgIUZOWCwtKCw9pI//iT6LIxrYe+r70wCgYIKoZIzj0EAwIw\nHjEcMBoGA1UEAwwTVHJvb3BzIHVuaXQgdGVzdCBDQTAeFw0yNjEyMDIxODQyMzVa\nFw0zNjExMjkxODQyMzVaMB4xHDAaBgNVBAMME1Ryb29wcyB1bml0IHRlc3QgQ0Ew\nWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAARVBIWirtGcmwQb9PO8Gnv/wVW7x4uy\ntDkV7YIjn/C04oI0vQQhZ1RJhHb50oqpt3BeJxH+1ZG4virtT+FfHTuUo1MwUTAd\nBgNVHQ4EFgQUq2L0hD6Vw6k7+6QNV+HPa78sK5swHwYDVR0jBBgwFoAUq2L0hD6V\nw6k7+6QNV+HPa78sK5swDwYDVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNJADBG\nAiEAhRwxJG1oqAVSGiT5N6RLCQDDjyC+7ARA3Tep3qF9TZECIQC8tFB5xQxNcswP\nQAqbqG9AxQNXMfUMqqISjQ6UM2rLUw==\n-----END CERTIFICATE-----\n";
+
+    #[test]
+    fn proxy_and_a_ca_on_one_line() {
+        let text = format!(
+            "troops troops/remotes string origin=https://git.example.com/x.git\n\
+             troops troops/proxy string http://proxy.example.com:3128\n\
+             troops troops/ca_certs string {}\n",
+            CA.replace('\n', " ")
+        );
+        let s = parse_preseed(&text, "p.cfg").unwrap().unwrap();
+        assert_eq!(s.proxy.as_deref(), Some("http://proxy.example.com:3128"));
+        assert_eq!(s.ca_certs.as_deref(), Some(CA));
+        s.validate("p.cfg").unwrap();
+        let bad = "troops troops/ca_certs string -----BEGIN CERTIFICATE----- nope -----END CERTIFICATE-----\n";
+        let e = parse_preseed(bad, "p.cfg").unwrap_err().to_string();
+        assert!(e.contains("p.cfg") && e.contains("troops.ca_certs"), "{e}");
+        let e = parse_preseed("troops troops/proxy string http://u:pw@p:1\n", "p.cfg")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("troops.proxy") && !e.contains("pw"), "{e}");
     }
 
     #[test]
