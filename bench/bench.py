@@ -7,6 +7,9 @@ Scenarios (each against the same repositories, runs interleaved between tools):
   3. first      - first deploy on an empty node (requirements: one local package, offline)
   4. *-large    - 1-3 on a repository of 2,000 files and 1,000 commits
   5. reqs-uv / reqs-pip - a requirements change (venv rebuild) with uv on PATH and without
+  6. server cost of a poll - smart HTTP (nginx + git-http-backend on loopback) on a repository
+     with 5,000 tags: bytes each way, requests and `fetch` commands per no-op and changed
+     poll, for troops, `git fetch` and `ansible-pull` (`bench/run server-cost` runs only this)
 
 Peers for 1-2: `ansible-pull -o` with an equivalent one-task playbook, and the plain-git shell
 floor (fetch three remotes, take the most advanced tip that fast-forwards, check it out, run
@@ -246,7 +249,171 @@ def scenario_requirements(fleet, tools_dir, runs):
     return out
 
 
+NGINX = """daemon off;
+master_process off;
+user root;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{}}
+http {{
+    log_format bytes '$request_method $uri $status $request_length $bytes_sent';
+    access_log {d}/access.log bytes;
+    client_body_temp_path {d}/tmp/body;
+    fastcgi_temp_path {d}/tmp/fastcgi;
+    proxy_temp_path {d}/tmp/proxy;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        location ~ ^/git(/.*)$ {{
+            include /etc/nginx/fastcgi_params;
+            fastcgi_param SCRIPT_FILENAME /usr/lib/git-core/git-http-backend;
+            fastcgi_param GIT_PROJECT_ROOT {d}/repos;
+            fastcgi_param GIT_HTTP_EXPORT_ALL "";
+            fastcgi_param PATH_INFO $1;
+            fastcgi_param GIT_PROTOCOL $http_git_protocol;
+            fastcgi_param GIT_TRACE_PACKET {d}/packets.log;
+            fastcgi_pass unix:{d}/fcgi.sock;
+        }}
+    }}
+}}
+"""
+
+
+class GitServer:
+    """nginx + fcgiwrap + git-http-backend on a loopback port, counting what each poll costs."""
+
+    def __init__(self, d):
+        import socket
+        self.dir = d
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(os.path.join(d, "repos"))
+        os.makedirs(os.path.join(d, "tmp"))
+        with socket.socket() as s_:
+            s_.bind(("127.0.0.1", 0))
+            self.port = s_.getsockname()[1]
+        with open(os.path.join(d, "nginx.conf"), "w") as f:
+            f.write(NGINX.format(d=d, port=self.port))
+        self.procs = [
+            subprocess.Popen(["/usr/sbin/fcgiwrap", "-s", f"unix:{d}/fcgi.sock"], stderr=subprocess.DEVNULL),
+            subprocess.Popen(["/usr/sbin/nginx", "-p", d, "-e", f"{d}/error.log", "-c", f"{d}/nginx.conf"], stderr=subprocess.DEVNULL),
+        ]
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", self.port)).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+
+    def stop(self):
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+    def counters(self):
+        def lines(name):
+            try:
+                with open(os.path.join(self.dir, name), errors="replace") as f:
+                    return f.read().splitlines()
+            except FileNotFoundError:
+                return []
+        log = lines("access.log")
+        packets = lines("packets.log")
+        return {
+            "requests": len(log),
+            "bytes_up": sum(int(l.split()[3]) for l in log),
+            "bytes_down": sum(int(l.split()[4]) for l in log),
+            # Each request runs git-http-backend, which runs upload-pack (2 processes).
+            "git_processes": 2 * len(log),
+            "fetch_commands": sum(1 for l in packets if "command=fetch" in l and "packet:" in l and "<" in l),
+            "packets": len(packets),
+        }
+
+    def cost(self, argv, env=None, cwd=None):
+        before = self.counters()
+        sh(*argv, env=env, cwd=cwd)
+        after = self.counters()
+        return {k: after[k] - before[k] for k in ("requests", "bytes_up", "bytes_down", "git_processes", "fetch_commands")}
+
+
+def scenario_server_cost(troops, tools):
+    """What one poll costs the git server, per tool, on a repository with 5,000 tags."""
+    d = os.path.join(SCRATCH, "server-cost")
+    server = GitServer(os.path.join(d, "server"))
+    try:
+        up = make_repo(os.path.join(d, "upstream"), 0, 1)
+        for i in range(20):
+            new_commit_local(up, f"history {i}")
+        head = git(up, "rev-parse", "HEAD")
+        commits = git(up, "rev-list", "HEAD").split()
+        refs = "".join(f"create refs/tags/v{i} {commits[i % len(commits)]}\n" for i in range(5000))
+        subprocess.run(["git", "-C", up, "update-ref", "--stdin"], input=refs, text=True, check=True)
+        bare = os.path.join(server.dir, "repos", "big.git")
+        sh("git", "init", "-q", "--bare", bare)
+        sh("git", "-C", up, "push", "-q", bare, "master", "--tags")
+        url = f"http://127.0.0.1:{server.port}/git/big.git"
+        group = "benchsc" + str(os.getpid())
+        sh("groupadd", "--system", group)
+        root = os.path.join(d, "troops-node")
+        shutil.rmtree(root, ignore_errors=True)
+        sh(troops, "--root", root, "init", "--no-pull", "--group", group, "--remote", f"origin={url}")
+        sh(troops, "--root", root, "pull")
+        clone = os.path.join(d, "git-clone")
+        shutil.rmtree(clone, ignore_errors=True)
+        sh("git", "clone", "-q", "--bare", url, clone)
+        sh("git", "-C", clone, "config", "remote.origin.fetch", "+refs/heads/*:refs/remotes/origin/*")
+        sh("git", "-C", clone, "fetch", "-q", "origin")
+        ansible = [os.path.join(tools, "bin", "ansible-pull"), "-U", url, "-d", os.path.join(d, "ansible-checkout"), "-i", "localhost,", "-o", "local.yml"]
+        aenv = dict(ENV, ANSIBLE_PYTHON_INTERPRETER=PY, ANSIBLE_LOCALHOST_WARNING="false", ANSIBLE_HOME=os.path.join(d, "ansible-home"))
+        sh(*ansible, env=aenv)
+        pollers = {
+            "troops": ([troops, "--root", root, "pull"], ENV),
+            "git fetch": (["git", "-C", clone, "fetch", "-q", "origin"], ENV),
+            "ansible-pull": (ansible, aenv),
+        }
+        out = {}
+        for name, (argv, env) in pollers.items():
+            out.setdefault("noop", {})[name] = server.cost(argv, env)
+        for name, (argv, env) in pollers.items():
+            new_commit_local(up, f"changed for {name}")
+            sh("git", "-C", up, "push", "-q", bare, "master")
+            out.setdefault("changed", {})[name] = server.cost(argv, env)
+        sh("groupdel", group, check=False)
+        return out
+    finally:
+        server.stop()
+
+
+def new_commit_local(repo, message):
+    with open(os.path.join(repo, "deploy.py"), "a") as f:
+        f.write(f"# {message}\n")
+    git(repo, "commit", "-q", "-am", message)
+
+
+def print_server_cost(cost):
+    lines = [f"{'poll':<8} {'tool':<13} {'requests':>8} {'bytes up':>9} {'bytes down':>10} {'git procs':>9} {'fetch cmds':>10}"]
+    for kind, tools_ in cost.items():
+        for name, c in tools_.items():
+            lines.append(f"{kind:<8} {name:<13} {c['requests']:>8} {c['bytes_up']:>9} {c['bytes_down']:>10} {c['git_processes']:>9} {c['fetch_commands']:>10}")
+    print("\nserver cost of a poll (smart HTTP, 5,000 tags):\n" + "\n".join(lines))
+
+
 def main():
+    if sys.argv[1:] == ["server-cost"]:
+        troops, tools = setup_tools()
+        cost = scenario_server_cost(troops, tools)
+        print_server_cost(cost)
+        path = os.path.join(HERE, "results.json")
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            data = {}
+        data["server_cost"] = cost
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2)
+        return 0
     troops, tools = setup_tools()
     results = {}
     small = Fleet("small", troops, tools)
@@ -258,6 +425,7 @@ def main():
         results.update(scenario_polls("-large", large, False))
         results.update(scenario_first("-large", large, SLOW_RUNS))
         results.update(scenario_requirements(Fleet("reqs", troops, tools), tools, SLOW_RUNS))
+        server_cost = scenario_server_cost(troops, tools)
     finally:
         sh("groupdel", small.group, check=False)
 
@@ -273,8 +441,9 @@ def main():
     machine = f"{os.cpu_count()} cores, {sh('uname', '-r').stdout.strip()}, {sh('git', '--version').stdout.strip()}"
     table = "\n".join(lines)
     print(f"\n{table}\n\nmachine: {machine}")
+    print_server_cost(server_cost)
     with open(os.path.join(HERE, "results.json"), "w") as f:
-        json.dump({"machine": machine, "runs": RUNS, "results": results}, f, indent=2)
+        json.dump({"machine": machine, "runs": RUNS, "results": results, "server_cost": server_cost}, f, indent=2)
     print(f"wrote {os.path.join(HERE, 'results.json')}")
 
 
