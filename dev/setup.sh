@@ -40,7 +40,9 @@ no_services() {
     need_apt "$@" || { as_root rm -f "$policy"; return 1; }
     as_root rm -f "$policy"
 }
-no_services nginx fcgiwrap tinyproxy
+# prometheus-node-exporter, prometheus (for promtool): the metrics tests serve the textfile and
+# check it and the example alerting rules.
+no_services nginx fcgiwrap tinyproxy prometheus-node-exporter prometheus
 
 if ! command -v cargo >/dev/null; then
     # shellcheck disable=SC1091

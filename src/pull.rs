@@ -569,6 +569,7 @@ pub fn pull(
         }
     }
     save_json(&layout.pull_report(), &report)?;
+    crate::metrics::refresh(node);
     Ok(PullOutcome { report, run })
 }
 

@@ -113,6 +113,11 @@ pub struct Settings {
     /// Bytes of a run's output its log keeps, at most: the tail, after a line saying how
     /// much was dropped.
     pub log_max: u64,
+    /// The Prometheus textfile written after every pull and run (under the root); empty:
+    /// none; unset: `/var/lib/prometheus/node-exporter/troops.prom` when that directory
+    /// exists.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_file: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -140,6 +145,7 @@ impl Default for Settings {
             log_max: 64 << 20,
             interval: 300,
             bucket: None,
+            metrics_file: None,
         }
     }
 }
@@ -193,6 +199,12 @@ impl Settings {
         };
         if !self.python.is_absolute() {
             return value("python", "an absolute path");
+        }
+        if let Some(m) = &self.metrics_file
+            && !m.as_os_str().is_empty()
+            && (!m.is_absolute() || m.file_name().is_none())
+        {
+            return value("metrics_file", "an absolute file path, or \"\" for none");
         }
         // Upper bounds too: every duration here is added to a clock somewhere, and a value
         // nobody means (9223372036854775807) must be an error naming the key, not a panic.

@@ -10,6 +10,7 @@ mod faults;
 mod first_boot;
 mod gates;
 mod hosting;
+mod metrics;
 mod pull;
 mod push;
 mod rollout;

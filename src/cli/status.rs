@@ -1,12 +1,7 @@
 use std::path::Path;
 
 use anyhow::Result;
-use serde_json::json;
-use troops::deploy::DEPLOYED_REF;
-use troops::deploy::record::RunStore;
 use troops::node::Node;
-use troops::pull::PullReport;
-use troops::repo::Repo;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -17,65 +12,21 @@ pub struct Args {
 
 pub fn run(root: &Path, args: &Args) -> Result<u8> {
     let node = Node::open(root)?;
-    let layout = &node.layout;
-    let branch = &node.settings.branch;
-    // Status reports on a damaged repository too: what is wrong is part of the report.
-    let mut damage: Vec<String> =
-        troops::repair::damaged_packs(&layout.node_repo().join("objects/pack"))
-            .into_iter()
-            .map(|d| format!("{}: {}", d.pack.display(), d.why))
-            .collect();
-    for (name, id) in troops::repair::pending(&layout.node_repo()) {
-        damage.push(format!(
-            "{name} was at {}, which is lost; the next pull fetches it again",
-            id.short()
-        ));
-    }
-    let (head, deployed) =
-        match Repo::open(&layout.node_repo()) {
-            Ok(repo) => {
-                match repo.refs_to_missing() {
-                    Ok(missing) => damage.extend(missing.into_iter().map(|(name, id)| {
-                        format!("{name} names {}, which is missing", id.short())
-                    })),
-                    Err(e) => damage.push(e.to_string()),
-                }
-                let mut read = |name: &str| {
-                    repo.ref_id(name).unwrap_or_else(|e| {
-                        damage.push(e.to_string());
-                        None
-                    })
-                };
-                (read(&format!("refs/heads/{branch}")), read(DEPLOYED_REF))
-            }
-            Err(e) => {
-                damage.push(e.to_string());
-                (None, None)
-            }
-        };
-    let store = RunStore::new(layout.runs());
-    let last = store.latest().map(|r| store.settle(r, &layout.lock_file()));
-    let pull = PullReport::load(&layout.pull_report());
-    let remotes: Vec<(String, String)> = troops::repo::remote_urls(&layout.repo().join("config"))?
-        .into_iter()
-        .map(|(n, u)| (n, troops::repo::redact_url(&u)))
-        .collect();
-
+    let status = troops::status::gather(&node)?;
     if args.json {
-        let value = json!({
-            "root": root,
-            "branch": branch,
-            "head": head,
-            "deployed": deployed,
-            "roles": node.settings.roles,
-            "remotes": remotes.iter().map(|(n, u)| json!({"name": n, "url": u})).collect::<Vec<_>>(),
-            "last_run": last,
-            "last_pull": pull,
-            "damage": damage,
-        });
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(0);
     }
+    let troops::status::Status {
+        branch,
+        head,
+        deployed,
+        last_run: last,
+        last_pull: pull,
+        damage,
+        ..
+    } = &status;
+    let (head, deployed) = (*head, *deployed);
     let short = |c: Option<troops::repo::CommitId>| c.map_or("(none)".to_string(), |c| c.short());
     println!("node      {}", root.display());
     println!(
@@ -88,7 +39,7 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
         }
     );
     println!("roles     {}", node.settings.roles.join(" "));
-    for d in &damage {
+    for d in damage {
         println!("DAMAGED   {d} (the next pull repairs it from the remotes)");
     }
     if let Some(r) = &last {

@@ -194,7 +194,9 @@ pub fn deploy(
         log.failure(&format!("troops: run {id}: FAILED: {e}"));
         store.save(&record).map_err(record_err)?;
     }
+    store.count(&record).map_err(record_err)?;
     store.prune(settings.keep_runs);
+    crate::metrics::refresh(node);
     Ok(record)
 }
 

@@ -176,9 +176,45 @@ impl RunStore {
         if let Some(r) = self.latest()
             && r.result == Outcome::Running
         {
-            self.save(&r.settled())?;
+            let r = r.settled();
+            self.save(&r)?;
+            self.count(&r)?;
         }
         Ok(())
+    }
+
+    fn counts_path(&self) -> PathBuf {
+        self.dir.join("counts.json")
+    }
+
+    /// Finished runs by result since the node began (records are pruned; these are not).
+    /// A node from before the counts were kept starts from the records it still has.
+    pub fn counts(&self) -> std::collections::BTreeMap<String, u64> {
+        self.counts_except(None)
+    }
+
+    fn counts_except(&self, skip: Option<u64>) -> std::collections::BTreeMap<String, u64> {
+        if let Some(c) = fs::read(self.counts_path())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+        {
+            return c;
+        }
+        let mut counts = std::collections::BTreeMap::new();
+        for r in self.list() {
+            if r.result != Outcome::Running && Some(r.id) != skip {
+                *counts.entry(r.result.to_string()).or_default() += 1;
+            }
+        }
+        counts
+    }
+
+    /// Count `record`, which just finished. Call with the node lock held.
+    pub fn count(&self, record: &RunRecord) -> std::io::Result<()> {
+        let mut counts = self.counts_except(Some(record.id));
+        *counts.entry(record.result.to_string()).or_default() += 1;
+        let json = serde_json::to_vec_pretty(&counts).expect("counts serialise");
+        fsutil::write_atomic(&self.counts_path(), &json, 0o640)
     }
 
     /// `record` as it stands now: one read as running whose run no longer holds the node
