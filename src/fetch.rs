@@ -45,6 +45,22 @@ pub fn shared_tip(layout: &Layout, branch: &str) -> Option<String> {
     (id.len() == 40 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_owned())
 }
 
+/// The home directory of the user troops runs as (root's, on a node), from the password
+/// database: the unit's environment has no HOME.
+pub fn home() -> std::path::PathBuf {
+    // SAFETY: getpwuid returns a pointer into static storage or null; it is read at once,
+    // before anything else in this thread could call it again.
+    unsafe {
+        let pw = libc::getpwuid(libc::geteuid());
+        if !pw.is_null() && !(*pw).pw_dir.is_null() {
+            let dir = std::ffi::CStr::from_ptr((*pw).pw_dir);
+            use std::os::unix::ffi::OsStrExt;
+            return std::path::PathBuf::from(std::ffi::OsStr::from_bytes(dir.to_bytes()));
+        }
+    }
+    "/".into()
+}
+
 /// A repository on this machine (a path or file:// URL): read with the admin group's rights.
 pub fn is_local(url: &str) -> bool {
     url.starts_with('/') || url.starts_with("file://")
@@ -194,6 +210,8 @@ pub fn fetch_all(
             // proxy and CA conventions pass, as the unit's environment set them.
             .env_clear()
             .envs(crate::hosting::Env::from_process().vars)
+            // Credential helpers (store, cache) find root's files from HOME.
+            .env("HOME", crate::fetch::home())
             .env(
                 "PATH",
                 std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),

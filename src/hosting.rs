@@ -36,6 +36,8 @@ pub struct SystemConfig {
     /// Whether the file may name programs for root to run: owned by root (or whoever runs
     /// troops) and writable by nobody else.
     pub root_owned: bool,
+    /// Whether every user may read it (as /etc/gitconfig usually is): no place for secrets.
+    pub world_readable: bool,
     /// Where it was read from, for warnings.
     pub path: String,
 }
@@ -118,34 +120,50 @@ const SUPPORTED_HTTP: &[&str] = &[
 ];
 
 /// The plan for fetching remote `remote` from `url` (credentials already taken out).
-pub fn plan(config: &SystemConfig, env: &Env, remote: &str, url: &str) -> Plan {
+/// `root_named`: root configured this remote (init, the seed); a member's remote does not
+/// get secrets given for no host in particular (an unscoped `http.extraHeader` or
+/// `credential.helper`): a member chooses its URL, and root's token would go wherever it
+/// points.
+pub fn plan(config: &SystemConfig, env: &Env, remote: &str, url: &str, root_named: bool) -> Plan {
     let target = UrlParts::parse(url);
     let mut warnings = Vec::new();
-    // The value of `http.<name>` for this URL: the most specific `http.<url>.<name>` that
-    // matches (longest path, then the later line), else plain `http.<name>`, else None.
+    let empty = SystemConfig::default();
+    let config = match config.root_owned {
+        true => config,
+        false => {
+            warnings.push(format!(
+                "{} is writable by others than root: ignored (proxy, CA, headers, helpers)",
+                config.path
+            ));
+            &empty
+        }
+    };
+    // Whether an entry scoped to `pattern` (None: unscoped) applies to this URL, and how
+    // specifically (git's urlmatch: an exact host over a wildcard, then the longer path).
+    let rank = |pattern: &Option<String>| -> Option<(u8, usize)> {
+        match pattern {
+            None => Some((0, 0)),
+            Some(p) => target
+                .as_ref()
+                .and_then(|t| UrlParts::parse(p).and_then(|p| p.matches(t))),
+        }
+    };
+    // The values of `http.<name>` for this URL, in file order, as git collects them: an
+    // entry counts if it matches at least as specifically as every one before it.
     let http_values = |name: &str| -> Vec<&Entry> {
-        let mut best: Option<usize> = None;
-        let mut chosen: Vec<&Entry> = Vec::new();
+        let mut best = (0, 0);
+        let mut chosen = Vec::new();
         for e in config
             .entries
             .iter()
             .filter(|e| e.section == "http" && e.name.eq_ignore_ascii_case(name))
         {
-            let rank = match &e.subsection {
-                None => Some(0),
-                Some(pattern) => target
-                    .as_ref()
-                    .and_then(|t| UrlParts::parse(pattern).and_then(|p| p.matches(t)))
-                    .map(|len| len + 1),
+            let Some(r) = rank(&e.subsection) else {
+                continue;
             };
-            let Some(rank) = rank else { continue };
-            match best {
-                Some(b) if rank < b => {}
-                Some(b) if rank == b => chosen.push(e),
-                _ => {
-                    best = Some(rank);
-                    chosen = vec![e];
-                }
+            if r >= best {
+                best = r;
+                chosen.push(e);
             }
         }
         chosen
@@ -229,10 +247,12 @@ pub fn plan(config: &SystemConfig, env: &Env, remote: &str, url: &str) -> Plan {
         },
     };
     // Multi-valued: an empty value clears what came before, as in git.
+    let mut withheld = Vec::new();
     let mut extra_headers = Vec::new();
     for e in http_values("extraheader") {
         match e.value.as_deref().unwrap_or_default() {
             "" => extra_headers.clear(),
+            _ if e.subsection.is_none() && !root_named => withheld.push("http.extraHeader"),
             h => extra_headers.push(h.to_owned()),
         }
     }
@@ -241,23 +261,50 @@ pub fn plan(config: &SystemConfig, env: &Env, remote: &str, url: &str) -> Plan {
         .entries
         .iter()
         .filter(|e| e.section == "credential" && e.name.eq_ignore_ascii_case("helper"))
-        .filter(|e| match (&e.subsection, &target) {
-            (None, _) => true,
-            (Some(p), Some(t)) => UrlParts::parse(p).and_then(|p| p.matches(t)).is_some(),
-            (Some(_), None) => false,
-        })
+        .filter(|e| rank(&e.subsection).is_some())
     {
         match e.value.as_deref().unwrap_or_default() {
             "" => helpers.clear(),
+            _ if e.subsection.is_none() && !root_named => withheld.push("credential.helper"),
             h => helpers.push(h.to_owned()),
         }
     }
-    if !helpers.is_empty() && !config.root_owned {
+    withheld.dedup();
+    if !withheld.is_empty() {
         warnings.push(format!(
-            "{} is writable by others than root: its credential.helper is not run",
+            "{}: {} without a URL is not used for remote {remote}, which a member added; \
+             scope it to the host (http.<url>.extraHeader, credential.<url>.helper)",
+            config.path,
+            withheld.join(" and ")
+        ));
+    }
+    if config.world_readable
+        && (!extra_headers.is_empty()
+            || proxy
+                .as_deref()
+                .is_some_and(|p| crate::repo::redact_url(p) != p))
+    {
+        warnings.push(format!(
+            "{} is readable by every user and holds a header or proxy password: \
+             use /etc/troops/credentials or a credential helper reading a root-only file",
             config.path
         ));
-        helpers.clear();
+    }
+    if proxy.as_deref().is_some_and(|p| p.starts_with("socks")) {
+        warnings.push(format!(
+            "the proxy {} is a SOCKS proxy, which troops does not support: use an HTTP proxy",
+            crate::repo::redact_url(proxy.as_deref().unwrap_or_default())
+        ));
+    }
+    if config
+        .entries
+        .iter()
+        .any(|e| e.section == "include" || e.section == "includeif")
+    {
+        warnings.push(format!(
+            "{}: include and includeIf are not followed by troops",
+            config.path
+        ));
     }
     let mut unsupported: Vec<String> = config
         .entries
@@ -313,7 +360,10 @@ pub fn excluded(host: &str, no_proxy: &str) -> bool {
         .map(str::trim)
         .filter(|e| !e.is_empty())
         .any(|entry| {
-            let entry = entry.trim_start_matches('.').to_ascii_lowercase();
+            let entry = entry
+                .trim_start_matches('.')
+                .trim_start_matches('[')
+                .to_ascii_lowercase();
             // A port in the entry ("host:8080") is ignored, as curl did for years.
             let entry = match entry.rsplit_once(':') {
                 Some((h, p)) if !h.contains(':') && p.bytes().all(|b| b.is_ascii_digit()) => {
@@ -321,6 +371,7 @@ pub fn excluded(host: &str, no_proxy: &str) -> bool {
                 }
                 _ => entry,
             };
+            let entry = entry.trim_end_matches(']');
             entry == "*"
                 || host == entry
                 || host
@@ -364,7 +415,7 @@ impl UrlParts {
         Some(UrlParts {
             scheme,
             user,
-            host: host.to_ascii_lowercase(),
+            host: host.trim_end_matches('.').to_ascii_lowercase(),
             port,
             path: path.to_owned(),
         })
@@ -372,8 +423,9 @@ impl UrlParts {
 
     /// If this config URL matches `url` (git's urlmatch rules: same scheme and port, host
     /// equal or matched label by label with `*`, a user only if the URL has it, the path a
-    /// prefix ending at a `/`): how specific the match is, the length of the matched path.
-    fn matches(&self, url: &UrlParts) -> Option<usize> {
+    /// prefix ending at a `/`): how specific the match is, an exact host over a wildcard,
+    /// then the length of the matched path.
+    fn matches(&self, url: &UrlParts) -> Option<(u8, usize)> {
         if self.scheme != url.scheme || self.port != url.port {
             return None;
         }
@@ -387,6 +439,10 @@ impl UrlParts {
         {
             return None;
         }
+        let host_rank = match labels.contains(&"*") {
+            true => 1,
+            false => 2,
+        };
         let prefix = self.path.trim_end_matches('/');
         let path = url.path.as_str();
         let ok = prefix.is_empty()
@@ -394,7 +450,7 @@ impl UrlParts {
             || path
                 .strip_prefix(prefix)
                 .is_some_and(|rest| rest.starts_with('/'));
-        ok.then_some(prefix.len())
+        ok.then_some((host_rank, prefix.len()))
     }
 }
 
@@ -420,6 +476,7 @@ mod tests {
         SystemConfig {
             entries: lines.iter().map(|(k, v)| entry(k, v)).collect(),
             root_owned: true,
+            world_readable: false,
             path: "/etc/gitconfig".into(),
         }
     }
@@ -440,12 +497,12 @@ mod tests {
         let e = env(&[("https_proxy", "http://env:1")]);
         let c = config(&[]);
         assert_eq!(
-            plan(&c, &e, "origin", URL).proxy.as_deref(),
+            plan(&c, &e, "origin", URL, true).proxy.as_deref(),
             Some("http://env:1")
         );
         let c = config(&[("http.proxy", "plain:3128")]);
         assert_eq!(
-            plan(&c, &e, "origin", URL).proxy.as_deref(),
+            plan(&c, &e, "origin", URL, true).proxy.as_deref(),
             Some("http://plain:3128"),
             "config beats the environment; no scheme means http"
         );
@@ -454,7 +511,7 @@ mod tests {
             ("http.https://git.example.com/.proxy", "http://scoped:1"),
         ]);
         assert_eq!(
-            plan(&c, &e, "origin", URL).proxy.as_deref(),
+            plan(&c, &e, "origin", URL, true).proxy.as_deref(),
             Some("http://scoped:1")
         );
         let c = config(&[
@@ -462,21 +519,28 @@ mod tests {
             ("remote.origin.proxy", "http://remote:1"),
         ]);
         assert_eq!(
-            plan(&c, &e, "origin", URL).proxy.as_deref(),
+            plan(&c, &e, "origin", URL, true).proxy.as_deref(),
             Some("http://remote:1")
         );
         assert_eq!(
-            plan(&c, &e, "mirror", URL).proxy.as_deref(),
+            plan(&c, &e, "mirror", URL, true).proxy.as_deref(),
             Some("http://scoped:1"),
             "remote.<name>.proxy is that remote's only"
         );
         let c = config(&[("http.proxy", "http://p:1"), ("remote.origin.proxy", "")]);
-        assert_eq!(plan(&c, &e, "origin", URL).proxy, None, "empty: direct");
+        assert_eq!(
+            plan(&c, &e, "origin", URL, true).proxy,
+            None,
+            "empty: direct"
+        );
         // Plain http reads http_proxy, not https_proxy.
-        assert_eq!(plan(&config(&[]), &e, "o", "http://h/x.git").proxy, None);
+        assert_eq!(
+            plan(&config(&[]), &e, "o", "http://h/x.git", true).proxy,
+            None
+        );
         let e = env(&[("ALL_PROXY", "socks5://s:1")]);
         assert_eq!(
-            plan(&config(&[]), &e, "o", URL).proxy.as_deref(),
+            plan(&config(&[]), &e, "o", URL, true).proxy.as_deref(),
             Some("socks5://s:1")
         );
     }
@@ -492,12 +556,12 @@ mod tests {
         assert!(!excluded("badexample.com", "example.com"));
         assert!(!excluded("127.0.0.1", "localhost"));
         let e = env(&[("https_proxy", "http://p:1"), ("NO_PROXY", "example.com")]);
-        assert_eq!(plan(&config(&[]), &e, "o", URL).proxy, None);
+        assert_eq!(plan(&config(&[]), &e, "o", URL, true).proxy, None);
         let c = config(&[
             ("http.proxy", "http://p:1"),
             ("http.noProxy", "git.example.com"),
         ]);
-        assert_eq!(plan(&c, &env(&[]), "o", URL).proxy, None);
+        assert_eq!(plan(&c, &env(&[]), "o", URL, true).proxy, None);
     }
 
     #[test]
@@ -513,7 +577,7 @@ mod tests {
             ("http.http://git.example.com/.sslCAInfo", "/http.pem"),
             ("http.https://git.example.com:8443/.sslCAInfo", "/port.pem"),
         ]);
-        let ca = |url: &str| plan(&c, &env(&[]), "o", url).ca_info;
+        let ca = |url: &str| plan(&c, &env(&[]), "o", url, true).ca_info;
         assert_eq!(ca(URL), Some("/team.pem".into()));
         assert_eq!(
             ca("https://git.example.com/other/x.git"),
@@ -533,14 +597,26 @@ mod tests {
 
     #[test]
     fn ssl_verify_false_is_warned_every_time() {
-        let p = plan(&config(&[("http.sslVerify", "false")]), &env(&[]), "o", URL);
+        let p = plan(
+            &config(&[("http.sslVerify", "false")]),
+            &env(&[]),
+            "o",
+            URL,
+            true,
+        );
         assert!(!p.verify);
         assert!(
             p.warnings
                 .iter()
                 .any(|w| w.contains("http.sslVerify=false"))
         );
-        let p = plan(&config(&[("http.sslVerify", "maybe")]), &env(&[]), "o", URL);
+        let p = plan(
+            &config(&[("http.sslVerify", "maybe")]),
+            &env(&[]),
+            "o",
+            URL,
+            true,
+        );
         assert!(p.verify, "an unreadable value keeps checking");
         assert!(!p.warnings.is_empty());
     }
@@ -552,7 +628,7 @@ mod tests {
             ("http.https://x/.postBuffer", "1"),
             ("http.proxy", "p:1"),
         ]);
-        let p = plan(&c, &env(&[]), "o", URL);
+        let p = plan(&c, &env(&[]), "o", URL, true);
         let w = p.warnings.join("\n");
         assert!(
             w.contains("http.sslCert") && w.contains("http.https://x/.postBuffer"),
@@ -572,22 +648,74 @@ mod tests {
             ("credential.helper", "store --file /s"),
             ("credential.https://elsewhere.org.helper", "other"),
         ]);
-        let p = plan(&c, &env(&[]), "o", URL);
+        let p = plan(&c, &env(&[]), "o", URL, true);
         assert_eq!(p.extra_headers, vec!["B: 2".to_owned()]);
         assert_eq!(p.helpers, vec!["store --file /s".to_owned()]);
+        // A remote a member added gets no unscoped secret; a scoped one goes to its host.
+        let mut scoped = c.clone();
+        scoped
+            .entries
+            .push(entry("http.https://git.example.com/.extraHeader", "C: 3"));
+        let p = plan(&scoped, &env(&[]), "o", URL, false);
+        assert_eq!(p.extra_headers, vec!["C: 3".to_owned()]);
+        assert!(p.helpers.is_empty());
+        assert!(
+            p.warnings.iter().any(|w| w.contains("a member added")),
+            "{:?}",
+            p.warnings
+        );
+        // git keeps an unscoped header before a scoped one, not after it.
+        let c2 = config(&[
+            ("http.extraHeader", "A: 1"),
+            ("http.https://git.example.com/.extraHeader", "B: 2"),
+            ("http.extraHeader", "late: 3"),
+        ]);
+        assert_eq!(
+            plan(&c2, &env(&[]), "o", URL, true).extra_headers,
+            vec!["A: 1".to_owned(), "B: 2".to_owned()]
+        );
         let mut c = c;
         c.root_owned = false;
-        let p = plan(&c, &env(&[]), "o", URL);
+        c.entries.push(entry("http.sslVerify", "false"));
+        let p = plan(&c, &env(&[]), "o", URL, true);
         assert!(p.helpers.is_empty(), "a file others may write runs nothing");
-        assert!(p.warnings.iter().any(|w| w.contains("credential.helper")));
+        assert!(p.verify, "nor weakens TLS");
+        assert!(p.warnings.iter().any(|w| w.contains("writable by others")));
+    }
+
+    #[test]
+    fn an_exact_host_beats_a_wildcard_with_a_longer_path() {
+        let c = config(&[
+            ("http.https://*.example.com/team.sslCAInfo", "/wild.pem"),
+            ("http.https://git.example.com/.sslCAInfo", "/exact.pem"),
+            ("http.https://git.example.com./x.sslCAInfo", "/dot.pem"),
+        ]);
+        assert_eq!(
+            plan(&c, &env(&[]), "o", URL, true).ca_info,
+            Some("/exact.pem".into())
+        );
+        assert_eq!(
+            plan(&c, &env(&[]), "o", "https://git.example.com/x/y.git", true).ca_info,
+            Some("/dot.pem".into()),
+            "a trailing dot names the same host"
+        );
+        assert!(excluded("[::1]", "[::1]"));
     }
 
     #[test]
     fn redirects_follow_git() {
-        let r =
-            |v: &str| plan(&config(&[("http.followRedirects", v)]), &env(&[]), "o", URL).redirects;
+        let r = |v: &str| {
+            plan(
+                &config(&[("http.followRedirects", v)]),
+                &env(&[]),
+                "o",
+                URL,
+                true,
+            )
+            .redirects
+        };
         assert_eq!(
-            plan(&config(&[]), &env(&[]), "o", URL).redirects,
+            plan(&config(&[]), &env(&[]), "o", URL, true).redirects,
             Redirects::Initial
         );
         assert_eq!(r("true"), Redirects::All);

@@ -240,14 +240,14 @@ pub fn plan(layout: &Layout, req: &Request) -> Result<Plan, InitError> {
         };
         // The same parser the fetch uses: a URL that cannot be fetched stops init here.
         crate::repo::check_url(name, &url)?;
-        // A local repository root names is read with root's rights; one a member names,
-        // with the admin group's only. Root's own list is in node.git's config.
-        if crate::fetch::is_local(&url)
-            && node_repo
-                .as_ref()
-                .and_then(|r| r.config_value(&format!("remote.{name}.url")))
-                .as_deref()
-                != Some(url.as_str())
+        // A local repository root names is read with root's rights, and a host root names
+        // gets the system git config's unscoped secrets; one a member names gets neither.
+        // Root's own list is in node.git's config.
+        if node_repo
+            .as_ref()
+            .and_then(|r| r.config_value(&format!("remote.{name}.url")))
+            .as_deref()
+            != Some(url.as_str())
         {
             node_remotes.push((name.clone(), url.clone()));
         }

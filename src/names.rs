@@ -112,6 +112,13 @@ pub fn check_url(name: &str, url: &str) -> Result<(), NameError> {
         return bad("it starts with '-'");
     }
     if let Some((scheme, rest)) = url.split_once("://") {
+        // Where the host ends is read differently by different parsers when the authority
+        // holds `?`, `#` or `\\` (gix ends it at `?`; a userinfo split at the last `@` does
+        // not): such a URL could be fetched from one host and matched to another's config.
+        let authority = rest.split('/').next().unwrap_or_default();
+        if scheme != "file" && authority.contains(['?', '#', '\\']) {
+            return bad("its host part contains '?', '#' or '\\'");
+        }
         return match scheme {
             "ssh" | "git+ssh" | "ssh+git" | "https" | "http" | "git" if !rest.is_empty() => Ok(()),
             "file" if rest.starts_with('/') => Ok(()),
@@ -154,6 +161,7 @@ mod tests {
             "ssh://git@host:2222/x.git",
             "https://git.example.com/deploy.git",
             "git://host/x",
+            "https://host/x.git?query=1",
         ] {
             assert_eq!(check_url("o", ok), Ok(()), "{ok}");
         }
@@ -166,6 +174,9 @@ mod tests {
             "-oProxyCommand=x:y",
             "",
             "host:",
+            "https://evil.example?@git.corp/x.git",
+            "https://evil.example#@git.corp/x.git",
+            "https://evil.example\\@git.corp/x.git",
         ] {
             assert!(check_url("o", bad).is_err(), "{bad}");
         }

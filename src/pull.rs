@@ -306,7 +306,11 @@ fn replay(run: &RunRecord, out: &mut dyn Output) {
 
 /// What the node's git hosting settings put at risk or leave unused, for each http(s)
 /// remote: the same plan its fetch worker follows. Said on every pull.
-fn hosting_warnings(layout: &crate::paths::Layout, remotes: &[(String, String)]) -> Vec<String> {
+fn hosting_warnings(
+    layout: &crate::paths::Layout,
+    repo: &Repo,
+    remotes: &[(String, String)],
+) -> Vec<String> {
     let config = match crate::repo::system_config(&layout.system_gitconfig()) {
         Ok(c) => c,
         Err(e) => return vec![e.to_string()],
@@ -318,7 +322,8 @@ fn hosting_warnings(layout: &crate::paths::Layout, remotes: &[(String, String)])
             continue;
         }
         let bare = crate::repo::split_credentials(url).map_or(url.clone(), |(_, _, b)| b);
-        for w in crate::hosting::plan(&config, &env, name, &bare).warnings {
+        let root_named = repo.config_value(&format!("remote.{name}.url")).as_deref() == Some(url);
+        for w in crate::hosting::plan(&config, &env, name, &bare, root_named).warnings {
             if !warnings.contains(&w) {
                 tracing::warn!("{w}");
                 warnings.push(w);
@@ -532,7 +537,7 @@ pub fn pull(
         disagree: decision.disagree.clone(),
         waiting: None,
         repaired,
-        warnings: hosting_warnings(layout, &remotes),
+        warnings: hosting_warnings(layout, &repo, &remotes),
     };
 
     let head = repo.ref_target(&branch_ref)?;

@@ -212,6 +212,14 @@ pub fn hook_is_ancestor(ancestor: CommitId, descendant: CommitId) -> Result<bool
 /// A repository's config file, read as data: a symlink, a FIFO or anything but a regular
 /// file of at most 1 MiB is refused, includes are not followed. Absent: empty.
 fn read_config(path: &Path, what: &str) -> Result<gix::config::File, RepoError> {
+    read_config_stat(path, what).map(|(file, _)| file)
+}
+
+/// [`read_config`], with the metadata of the file it read (None: there was none).
+fn read_config_stat(
+    path: &Path,
+    what: &str,
+) -> Result<(gix::config::File, Option<std::fs::Metadata>), RepoError> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     let fail = |message: String| RepoError::Git {
@@ -228,9 +236,12 @@ fn read_config(path: &Path, what: &str) -> Result<gix::config::File, RepoError> 
     let file = match file {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(gix::config::File::new(meta));
+            return Ok((gix::config::File::new(meta), None));
         }
-        Err(e) => return Err(fail(format!("{e} (a symlink is refused)"))),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(fail(format!("{e} (a symlink is refused)")));
+        }
+        Err(e) => return Err(fail(e.to_string())),
     };
     let stat = file.metadata().map_err(|e| fail(e.to_string()))?;
     if !stat.is_file() || stat.len() > MAX {
@@ -243,6 +254,7 @@ fn read_config(path: &Path, what: &str) -> Result<gix::config::File, RepoError> 
         .read_to_end(&mut bytes)
         .map_err(|e| fail(e.to_string()))?;
     gix::config::File::from_bytes_no_includes(&bytes, meta, Default::default())
+        .map(|f| (f, Some(stat)))
         .map_err(|e| fail(format!("not a git config file: {}", chain(&e))))
 }
 
@@ -250,7 +262,7 @@ fn read_config(path: &Path, what: &str) -> Result<gix::config::File, RepoError> 
 /// troops reads. Absent: empty.
 pub fn system_config(path: &Path) -> Result<crate::hosting::SystemConfig, RepoError> {
     use std::os::unix::fs::MetadataExt;
-    let parsed = read_config(path, "read the system git config")?;
+    let (parsed, stat) = read_config_stat(path, "read the system git config")?;
     let mut entries = Vec::new();
     for section in parsed.sections() {
         let header = section.header();
@@ -271,13 +283,14 @@ pub fn system_config(path: &Path) -> Result<crate::hosting::SystemConfig, RepoEr
     }
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
-    let root_owned = match std::fs::symlink_metadata(path) {
-        Ok(m) => (m.uid() == 0 || m.uid() == me) && m.mode() & 0o022 == 0,
-        Err(_) => true,
-    };
+    // Judged on the file that was read, not on whatever is at the path a moment later.
+    let root_owned = stat
+        .as_ref()
+        .is_none_or(|m| (m.uid() == 0 || m.uid() == me) && m.mode() & 0o022 == 0);
     Ok(crate::hosting::SystemConfig {
         entries,
         root_owned,
+        world_readable: stat.as_ref().is_some_and(|m| m.mode() & 0o004 != 0),
         path: path.display().to_string(),
     })
 }
@@ -562,23 +575,34 @@ pub fn check_ca_bundle(pem: &[u8]) -> Result<usize, String> {
 /// A fetch error as an operator needs it: a refused or missing credential said plainly,
 /// and the proxy named when one was in the way.
 fn explain_fetch_error(message: &str, url: &str, plan: &crate::hosting::Plan) -> String {
-    let auth = [
-        "AuthenticationRequired",
-        "authentication required",
-        "HTTP status 401",
-        "No credentials were returned",
-    ];
-    let message = match auth.iter().any(|a| message.contains(a)) {
-        true => format!(
+    let http = url.starts_with("http://") || url.starts_with("https://");
+    if !http {
+        return message.to_owned();
+    }
+    let refused = ["AuthenticationRequired", "HTTP status 401"];
+    let message = if message.contains("No credentials were returned") {
+        format!(
+            "the server refused the credentials (HTTP 401) for {}: none are configured for it",
+            redact_url(url)
+        )
+    } else if refused.iter().any(|a| message.contains(a)) {
+        format!(
             "the server refused the credentials (HTTP 401) for {}",
             redact_url(url)
-        ),
-        false => message.to_owned(),
+        )
+    } else if message.contains("refusing to follow redirect after request headers were configured")
+    {
+        format!(
+            "{message}: the server redirects {} elsewhere, and a configured http.extraHeader is \
+             never sent to another URL; update the remote's URL",
+            redact_url(url)
+        )
+    } else {
+        message.to_owned()
     };
-    let is_http = url.starts_with("http://") || url.starts_with("https://");
-    match (&plan.proxy, is_http) {
-        (Some(p), true) => format!("{message} (through the proxy {})", redact_url(p)),
-        _ => message,
+    match &plan.proxy {
+        Some(p) => format!("{message} (through the proxy {})", redact_url(p)),
+        None => message,
     }
 }
 
@@ -774,6 +798,7 @@ impl Repo {
             askpass: None,
             mode: gix::prompt::Mode::Disable,
         };
+        let answered_by_store = AtomicBool::new(false);
         let connection = connection.with_credentials(move |action| {
             if let gix::credentials::helper::Action::Get(ctx) = &action {
                 // gix hands over the URL; protocol and host are filled in from it here.
@@ -784,6 +809,7 @@ impl Repo {
                         && c.host.as_deref() == Some(host.as_str())
                 });
                 if let (true, Some((username, password))) = (ours, account.clone()) {
+                    answered_by_store.store(true, std::sync::atomic::Ordering::Relaxed);
                     return Ok(Some(gix::credentials::protocol::Outcome {
                         identity: gix::sec::identity::Account {
                             username,
@@ -794,8 +820,12 @@ impl Repo {
                     }));
                 }
             }
+            // gix reports the outcome (store, erase) of what it was given; what troops' own
+            // store answered is none of a helper's business, to keep or to forget.
+            let ours = answered_by_store.load(std::sync::atomic::Ordering::Relaxed);
+            let get = matches!(action, gix::credentials::helper::Action::Get(_));
             let mut helpers = helpers.lock().unwrap_or_else(|p| p.into_inner());
-            match helpers.programs.is_empty() {
+            match helpers.programs.is_empty() || (ours && !get) {
                 true => Ok(None),
                 false => helpers.invoke(action, quiet.clone()),
             }

@@ -116,7 +116,7 @@ pid {d}/nginx.pid;
 error_log {d}/error.log info;
 events {{}}
 http {{
-    log_format bytes '$request_method $uri $status in=$request_length out=$bytes_sent';
+    log_format bytes '$host $request_method $uri $status user=$remote_user in=$request_length out=$bytes_sent';
     access_log {d}/access.log bytes;
     client_body_temp_path {d}/tmp/body;
     fastcgi_temp_path {d}/tmp/fastcgi;
@@ -129,6 +129,9 @@ http {{
         ssl_certificate_key {d}/server.key;
         location ~ ^/old(/.*)$ {{
             return 301 https://localhost:{port}/git$1$is_args$args;
+        }}
+        location ~ ^/elsewhere(/.*)$ {{
+            return 301 https://127.0.0.1:{port}/git$1$is_args$args;
         }}
         location ~ ^/open(/.*)$ {{ {git_location}
         }}
@@ -177,7 +180,6 @@ http {{
         format!("https://localhost:{}/{prefix}/{name}.git", self.port)
     }
 
-    #[allow(dead_code)]
     pub fn access_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("access.log")).unwrap_or_default()
     }
@@ -476,6 +478,10 @@ fn a_refused_token_is_reported_at_once_and_never_prompts() {
         err.contains("the server refused the credentials (HTTP 401)"),
         "{err}"
     );
+    assert!(
+        !err.contains("none are configured"),
+        "a token was offered: {err}"
+    );
     assert!(!err.contains("wrong"), "the token leaked: {err}");
     assert!(text.contains("refused the credentials"), "{text}");
     // No credentials at all: the same, at once.
@@ -483,7 +489,8 @@ fn a_refused_token_is_reported_at_once_and_never_prompts() {
     system_config(&anon, "http.sslCAInfo", https.ca.to_str().unwrap());
     pull(&anon, &[]).failed();
     assert!(
-        error_of(&anon).contains("refused the credentials (HTTP 401)"),
+        error_of(&anon).contains("refused the credentials (HTTP 401)")
+            && error_of(&anon).contains("none are configured"),
         "{}",
         error_of(&anon)
     );
@@ -591,29 +598,145 @@ fn a_git_http_key_troops_does_not_support_is_named() {
 }
 
 #[test]
-fn the_shared_repos_config_cannot_set_a_proxy_or_a_helper() {
+fn the_shared_repos_config_cannot_set_a_proxy_a_tls_exception_or_a_helper() {
     let world = World::new();
     let https = GitHttps::start(&world);
     let bare = https.repo("app");
-    let commit = shipped(&world, &bare);
+    shipped(&world, &bare);
+    // What a member can write: the shared repo's config. A dead proxy and no certificate
+    // checks there would change the error; they are not read, so the CA is what fails.
     let node = node_for(&world, "shared", &https.url("open", "app"));
-    system_config(&node, "http.sslCAInfo", https.ca.to_str().unwrap());
     let shared = node.repo();
     let dead = format!("http://127.0.0.1:{}", free_port());
     git(&shared, &["config", "http.proxy", &dead]);
     git(&shared, &["config", "remote.origin.proxy", &dead]);
     git(&shared, &["config", "http.sslVerify", "false"]);
+    pull(&node, &[]).failed();
+    let err = error_of(&node);
+    assert!(
+        err.contains("UnknownIssuer") && !err.contains("proxy"),
+        "{err}"
+    );
+    // A helper there is never run, even when the server asks for credentials.
+    let asks = node_for(&world, "asks", &https.url("git", "app"));
+    system_config(&asks, "http.sslCAInfo", https.ca.to_str().unwrap());
+    let marker = world.path("helper-ran");
     git(
-        &shared,
+        &asks.repo(),
         &[
             "config",
             "credential.helper",
-            "!touch /tmp/troops-helper-ran",
+            &format!("!touch {}", marker.display()),
         ],
     );
-    pull(&node, &[]).ok();
-    assert_eq!(node.deployed().as_deref(), Some(commit.as_str()));
-    assert!(!Path::new("/tmp/troops-helper-ran").exists());
+    pull(&asks, &[]).failed();
+    assert!(error_of(&asks).contains("HTTP 401"), "{}", error_of(&asks));
+    assert!(!marker.exists(), "root ran a member's credential helper");
+}
+
+#[test]
+fn a_system_gitconfig_others_may_write_is_not_followed() {
+    let world = World::new();
+    let https = GitHttps::start(&world);
+    let bare = https.repo("app");
+    shipped(&world, &bare);
+    let node = node_for(&world, "writable", &https.url("open", "app"));
+    system_config(&node, "http.sslVerify", "false");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        node.path("etc/gitconfig"),
+        std::fs::Permissions::from_mode(0o664),
+    )
+    .unwrap();
+    let run = pull(&node, &[]).failed();
+    assert!(
+        error_of(&node).contains("UnknownIssuer"),
+        "{}",
+        error_of(&node)
+    );
+    assert!(
+        run.all().contains("writable by others than root"),
+        "{}",
+        run.all()
+    );
+}
+
+#[test]
+fn a_redirect_to_another_host_gets_no_credentials() {
+    let world = World::new();
+    let https = GitHttps::start(&world);
+    let bare = https.repo("app");
+    shipped(&world, &bare);
+    let node = node_for(
+        &world,
+        "elsewhere",
+        &format!(
+            "https://{USER}:{TOKEN}@localhost:{}/elsewhere/app.git",
+            https.port
+        ),
+    );
+    system_config(&node, "http.sslCAInfo", https.ca.to_str().unwrap());
+    pull(&node, &[]).failed();
+    let err = error_of(&node);
+    assert!(err.contains("HTTP 401"), "{err}");
+    assert!(!err.contains(TOKEN), "{err}");
+    let log = https.access_log();
+    assert!(
+        log.contains("127.0.0.1 GET"),
+        "the redirect was followed: {log}"
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.starts_with("127.0.0.1 ") && l.contains(&format!("user={USER}"))),
+        "the account went to the other host: {log}"
+    );
+}
+
+#[test]
+fn an_unscoped_header_is_not_sent_to_a_remote_a_member_added() {
+    let world = World::new();
+    let https = GitHttps::start(&world);
+    let bare = https.repo("app");
+    shipped(&world, &bare);
+    let node = node_for(&world, "member-remote", &https.url("open", "app"));
+    system_config(&node, "http.sslCAInfo", https.ca.to_str().unwrap());
+    system_config(
+        &node,
+        "http.extraHeader",
+        "Authorization: Basic ZGVwbG95OnMzY3IzdC10MGtlbg==",
+    );
+    // A member points a remote of their own at a URL that needs the header.
+    git(
+        &node.repo(),
+        &["remote", "add", "mine", &https.url("git", "app")],
+    );
+    let run = pull(&node, &[]);
+    let mine = node.remote_report("mine");
+    assert!(
+        mine["problem"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("HTTP 401"),
+        "{mine}"
+    );
+    assert!(run.all().contains("a member added"), "{}", run.all());
+    // And a URL whose host part parsers disagree on is refused outright.
+    let evil = format!(
+        "https://127.0.0.1:{0}?@localhost:{0}/git/app.git",
+        https.port
+    );
+    let refused = world.node("evil");
+    let run = refused
+        .troops(&[
+            "init",
+            "--no-pull",
+            "--group",
+            &refused.group,
+            "--remote",
+            &format!("origin={evil}"),
+        ])
+        .failed();
+    assert!(run.stderr.contains("host part"), "{}", run.all());
 }
 
 #[test]

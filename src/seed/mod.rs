@@ -97,6 +97,18 @@ impl Seed {
             check_proxy(p).map_err(|m| invalid("proxy", m))?;
         }
         if let Some(pem) = &self.ca_certs {
+            // The file is world-readable: a key pasted with a certificate must not land there.
+            if let Some(label) = pem
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("-----BEGIN "))
+                .map(|l| l.trim_end_matches('-'))
+                .find(|l| *l != "CERTIFICATE" && *l != "TRUSTED CERTIFICATE")
+            {
+                return Err(invalid(
+                    "ca_certs",
+                    format!("holds a {label} block; only certificates belong here"),
+                ));
+            }
             crate::repo::check_ca_bundle(pem.as_bytes()).map_err(|m| invalid("ca_certs", m))?;
         }
         Ok(())
@@ -124,13 +136,14 @@ impl Seed {
     }
 }
 
-/// A proxy as git's `http.proxy` takes it: `[scheme://]host:port`, over http, https or socks.
+/// A proxy as git's `http.proxy` takes it: `[scheme://]host:port`, over http or https.
 /// Credentials are refused: the system git config they would live in is world-readable.
 fn check_proxy(proxy: &str) -> Result<(), String> {
     let (scheme, rest) = proxy.split_once("://").unwrap_or(("http", proxy));
-    if !matches!(scheme, "http" | "https" | "socks5" | "socks5h") {
+    if !matches!(scheme, "http" | "https") {
         return Err(format!(
-            "{proxy:?}: the scheme must be http, https, socks5 or socks5h"
+            "{}: the scheme must be http or https (SOCKS proxies are not supported)",
+            crate::repo::redact_url(proxy)
         ));
     }
     let authority = rest.split('/').next().unwrap_or_default();
