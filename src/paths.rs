@@ -78,6 +78,14 @@ impl Layout {
     pub fn venvs(&self) -> PathBuf {
         self.under("var/lib/troops/venvs")
     }
+    /// Each interpreter's pip, unpacked once and shared by its venvs.
+    pub fn shared_pip(&self) -> PathBuf {
+        self.under("var/lib/troops/pip")
+    }
+    /// pip's and uv's download caches, root's only.
+    pub fn cache(&self) -> PathBuf {
+        self.under("var/cache/troops")
+    }
     pub fn work(&self) -> PathBuf {
         self.under("var/lib/troops/work")
     }

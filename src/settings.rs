@@ -79,6 +79,9 @@ pub struct Settings {
     pub retry_max: u64,
     /// Run records kept in /var/lib/troops/runs.
     pub keep_runs: usize,
+    /// Virtualenvs kept besides the one in use: those of the last this many deployed
+    /// commits.
+    pub keep_venvs: usize,
     /// The fully qualified name deploy.py sees; unset means the machine's own.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
@@ -131,6 +134,7 @@ impl Default for Settings {
             retry_min: 60,
             retry_max: 3600,
             keep_runs: 100,
+            keep_venvs: 3,
             hostname: None,
             admin_group: "troops".into(),
             verify: Verify::None,
@@ -231,6 +235,9 @@ impl Settings {
         }
         if !(1..=3600).contains(&self.keepalive) {
             return value("keepalive", "from 1 to 3600 (seconds)");
+        }
+        if !(0..=1000).contains(&self.keep_venvs) {
+            return value("keep_venvs", "from 0 to 1000");
         }
         if !(1..=100_000).contains(&self.keep_runs) {
             return value("keep_runs", "from 1 to 100000");

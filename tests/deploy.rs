@@ -374,7 +374,7 @@ fn run_records_are_kept_to_the_limit() {
 }
 
 /// uv, as dev/test installs it (target/tools), else from PATH.
-fn uv_dir() -> PathBuf {
+pub fn uv_dir() -> PathBuf {
     let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/bin");
     if tools.join("uv").is_file() {
         return tools;

@@ -17,3 +17,4 @@ mod rollout;
 mod signatures;
 mod ssh;
 mod trust;
+mod venvs;

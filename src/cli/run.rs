@@ -58,6 +58,8 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
         timeout: std::time::Duration::from_secs(
             troops::settings::Settings::default().deploy_timeout,
         ),
+        shared: cache.join("shared-pip"),
+        cache: cache.join("downloads"),
     };
     let mut print = |l: &str| println!("{l}");
     let (venv_dir, _) = venv::ensure(&cache.join("venvs"), &spec, &dir, &mut print)?;
@@ -77,6 +79,7 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
         &scratch.path().join("run"),
         // A developer's own run, watched: only a bound against forgetting it.
         std::time::Duration::from_secs(86_400),
+        spec.installer_env(),
         &mut print,
     )?;
     if let Some(r) = &outcome.results {

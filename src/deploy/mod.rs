@@ -261,6 +261,8 @@ fn deploy_checkout(
         module_dir,
         installer: settings.installer,
         timeout: std::time::Duration::from_secs(settings.deploy_timeout),
+        shared: layout.shared_pip(),
+        cache: layout.cache(),
     };
     let (venv_dir, built) = venv::ensure(&layout.venvs(), &spec, checkout, &mut |l| log.line(l))
         .map_err(|e| with_last(format!("commit {short}: {e}"), log))?;
@@ -285,16 +287,21 @@ fn deploy_checkout(
     let scratch = layout.runs().join(record.id.to_string());
     log.last = None;
     let timeout = std::time::Duration::from_secs(node.settings.deploy_timeout);
-    let outcome =
-        python::run_deploy_py(&venv_dir, checkout, &context, &scratch, timeout, &mut |l| {
-            log.line(l)
-        })
-        .map_err(|e| {
-            format!(
-                "failed to run deploy.py with {}: {e}",
-                venv_dir.join("bin/python").display()
-            )
-        })?;
+    let outcome = python::run_deploy_py(
+        &venv_dir,
+        checkout,
+        &context,
+        &scratch,
+        timeout,
+        spec.installer_env(),
+        &mut |l| log.line(l),
+    )
+    .map_err(|e| {
+        format!(
+            "failed to run deploy.py with {}: {e}",
+            venv_dir.join("bin/python").display()
+        )
+    })?;
     record.exit_code = outcome.exit_code;
     if let Some(r) = &outcome.results {
         record.roles = r.roles.clone();
@@ -311,7 +318,22 @@ fn deploy_checkout(
             ));
         }
     }
-    venv::prune(&layout.venvs(), 3);
+    // The venvs of the last `keep_venvs` deployed commits, and this run's.
+    let mut keep: Vec<String> = record::RunStore::new(layout.runs())
+        .list()
+        .into_iter()
+        .filter(|r| r.result == record::Outcome::Success)
+        .filter_map(|r| r.venv)
+        .fold(Vec::new(), |mut acc, v| {
+            if !acc.contains(&v) && acc.len() < settings.keep_venvs {
+                acc.push(v);
+            }
+            acc
+        });
+    keep.extend(record.venv.clone());
+    for name in venv::prune(&layout.venvs(), &keep) {
+        log.line(&format!("troops: removed the old virtualenv {name}"));
+    }
     if outcome.succeeded() {
         return Ok(());
     }

@@ -57,6 +57,8 @@ pub fn run_deploy_py(
     context: &Context,
     scratch: &Path,
     timeout: std::time::Duration,
+    // The installers' environment (shared caches), for the pip deploy.py may run.
+    installer_env: Vec<(String, String)>,
     on_line: &mut dyn FnMut(&str),
 ) -> io::Result<Outcome> {
     let context_path = scratch.with_extension("context.json");
@@ -76,7 +78,10 @@ pub fn run_deploy_py(
             (RESULTS_ENV.into(), results_path.display().to_string()),
             // Lets the module tell the interpreter we started from the ones deploy.py starts.
             ("TROOPS_AGENT_PID".into(), std::process::id().to_string()),
-        ],
+        ]
+        .into_iter()
+        .chain(installer_env)
+        .collect(),
         timeout: Some(timeout),
     };
     let status = runner::run(&inv, on_line);

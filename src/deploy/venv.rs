@@ -22,7 +22,7 @@ use super::runner::{self, Invocation};
 
 const READY: &str = ".troops-ready";
 /// Bump when the way venvs are made changes, so old ones are not reused.
-const RECIPE: &str = "troops-venv-1";
+const RECIPE: &str = "troops-venv-2";
 
 #[derive(Debug, Error)]
 pub enum VenvError {
@@ -53,6 +53,28 @@ pub struct VenvSpec {
     /// index that accepts and then stalls must not hold the node for good. Not part of
     /// the key.
     pub timeout: std::time::Duration,
+    /// Where the interpreter's shared pip is kept (one per interpreter, built once).
+    pub shared: PathBuf,
+    /// pip's and uv's download caches live here (`pip/`, `uv/`), shared by every venv.
+    pub cache: PathBuf,
+}
+
+impl VenvSpec {
+    /// The environment installers run with: shared caches, no pip version check (it would
+    /// go to PyPI on every run).
+    pub fn installer_env(&self) -> Vec<(String, String)> {
+        vec![
+            (
+                "PIP_CACHE_DIR".into(),
+                self.cache.join("pip").display().to_string(),
+            ),
+            (
+                "UV_CACHE_DIR".into(),
+                self.cache.join("uv").display().to_string(),
+            ),
+            ("PIP_DISABLE_PIP_VERSION_CHECK".into(), "1".into()),
+        ]
+    }
 }
 
 /// The interpreter's identity without running it: its resolved path, size and mtime change
@@ -232,12 +254,21 @@ pub fn ensure(
         "troops: building virtualenv {key} with {}",
         spec.python.display()
     ));
-    // Always with pip: deploy.py may `import pip` (the seed's pattern), and ensurepip needs no
-    // network. Through the runner: its own process group, the timeout, and whatever it
-    // leaves (ensurepip's pip) stopped with it.
+    let shared = shared_pip(spec, on_line)?;
+    for dir in [spec.cache.join("pip"), spec.cache.join("uv")] {
+        fsutil::create_dirs(&dir, 0o700).map_err(io_err(&dir))?;
+    }
+    // Without ensurepip (seconds, and 25 MB of pip per venv): the interpreter's own pip is
+    // shared by every venv through the .pth below, so deploy.py can still `import pip`.
+    // Through the runner: its own process group and the timeout.
     let make = Invocation {
         program: spec.python.clone(),
-        args: vec!["-m".into(), "venv".into(), dir.display().to_string()],
+        args: vec![
+            "-m".into(),
+            "venv".into(),
+            "--without-pip".into(),
+            dir.display().to_string(),
+        ],
         cwd: venvs.to_owned(),
         venv: None,
         env: Vec::new(),
@@ -258,7 +289,10 @@ pub fn ensure(
         }
     }
     let site = site_packages(&dir).map_err(io_err(&dir))?;
-    let pth = format!("{}\n", spec.module_dir.display());
+    // A .pth's directories come after the venv's own site-packages: a pip the venv installs
+    // for itself (an upgrade) wins over the shared one, which pip never touches (it does
+    // not uninstall outside the environment).
+    let pth = format!("{}\n{}\n", spec.module_dir.display(), shared.display());
     fs::write(site.join("troops.pth"), pth).map_err(io_err(&site))?;
 
     if spec.requirements.is_some() {
@@ -306,7 +340,7 @@ pub fn ensure(
             args,
             cwd: cwd.to_owned(),
             venv: Some(dir.clone()),
-            env: Vec::new(),
+            env: spec.installer_env(),
             timeout: Some(spec.timeout),
         };
         let status = runner::run(&inv, on_line).map_err(|source| VenvError::Io {
@@ -340,7 +374,84 @@ fn site_packages(venv: &Path) -> io::Result<PathBuf> {
     ))
 }
 
-/// Keep the `keep` most recently used venvs (and any being built).
+/// The interpreter's own pip (and setuptools, where it bundles them, as ensurepip would
+/// install), unpacked once from the wheels the interpreter ships, offline, into a
+/// directory keyed by the interpreter; every venv of that interpreter puts it on its path.
+fn shared_pip(spec: &VenvSpec, on_line: &mut dyn FnMut(&str)) -> Result<PathBuf, VenvError> {
+    let mut h = Sha256::new();
+    h.update(RECIPE);
+    h.update([0]);
+    h.update(interpreter_identity(&spec.python)?);
+    let id: String = h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let dir = spec.shared.join(&id);
+    if dir.join(READY).exists() {
+        return Ok(dir);
+    }
+    let fail = |message: String| VenvError::Create {
+        path: dir.clone(),
+        message,
+    };
+    fsutil::create_dirs(&spec.shared, 0o755).map_err(|e| fail(e.to_string()))?;
+    on_line(&format!(
+        "troops: unpacking {}'s bundled pip into {}",
+        spec.python.display(),
+        dir.display()
+    ));
+    // ensurepip's own wheels: Debian keeps them in /usr/share/python-wheels (its patched
+    // ensurepip says where), upstream builds in ensurepip/_bundled.
+    const UNPACK: &str = r#"
+import ensurepip, glob, os, sys, zipfile
+dest = sys.argv[1]
+dirs = [getattr(ensurepip, "_WHEEL_PKG_DIR", None) or "",
+        os.path.join(os.path.dirname(ensurepip.__file__), "_bundled"),
+        "/usr/share/python-wheels"]
+found = {}
+for d in dirs:
+    for name in ("pip", "setuptools"):
+        for w in sorted(glob.glob(os.path.join(d, name + "-*.whl"))):
+            found.setdefault(name, w)
+if "pip" not in found:
+    sys.exit("no pip wheel in " + ", ".join(d for d in dirs if d))
+for w in found.values():
+    zipfile.ZipFile(w).extractall(dest)
+print(os.path.basename(found["pip"]))
+"#;
+    // What an unpack killed halfway left (the caller holds the node lock: none is running).
+    for entry in fs::read_dir(&spec.shared).into_iter().flatten().flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(&format!(".{id}."))
+        {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+    let tmp = spec.shared.join(format!(".{id}.{}", std::process::id()));
+    let out = Command::new(&spec.python)
+        .args(["-I", "-c", UNPACK])
+        .arg(&tmp)
+        .env_clear()
+        .env("PATH", runner::SYSTEM_PATH)
+        .env("LANG", "C.UTF-8")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| fail(format!("{}: {e}", spec.python.display())))?;
+    if !out.status.success() {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(fail(format!(
+            "could not unpack the interpreter's pip: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    fsutil::write_atomic(&tmp.join(READY), &out.stdout, 0o644).map_err(|e| fail(e.to_string()))?;
+    let _ = fs::remove_dir_all(&dir);
+    fs::rename(&tmp, &dir).map_err(|e| fail(e.to_string()))?;
+    Ok(dir)
+}
+
 /// Remove every venv without its ready marker: what a run killed while building it left
 /// (tens of MB each, and never reused under another key). The caller holds the node lock,
 /// so nothing is building one now. Returns the names removed.
@@ -356,21 +467,19 @@ pub fn sweep_unfinished(venvs: &Path) -> Vec<String> {
     removed
 }
 
-pub fn prune(venvs: &Path, keep: usize) {
-    let mut ready: Vec<(std::time::SystemTime, PathBuf)> = fs::read_dir(venvs)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let marker = e.path().join(READY);
-            Some((fs::metadata(&marker).ok()?.modified().ok()?, e.path()))
-        })
-        .collect();
-    ready.sort();
-    let excess = ready.len().saturating_sub(keep);
-    for (_, path) in &ready[..excess] {
-        let _ = fs::remove_dir_all(path);
+/// Remove every ready venv but those in `keep` (the venvs of the last deployed commits and
+/// the one in use). Returns the names removed.
+pub fn prune(venvs: &Path, keep: &[String]) -> Vec<String> {
+    let mut removed = Vec::new();
+    for entry in fs::read_dir(venvs).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if path.join(READY).exists() && !keep.contains(&name) && fs::remove_dir_all(&path).is_ok() {
+            removed.push(name);
+        }
     }
+    removed.sort();
+    removed
 }
 
 /// A content id for a path on disk (a working copy's local package), standing in for the tree
