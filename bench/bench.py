@@ -7,7 +7,10 @@ Scenarios (each against the same repositories, runs interleaved between tools):
   3. first      - first deploy on an empty node (requirements: one local package, offline)
   4. *-large    - 1-3 on a repository of 2,000 files and 1,000 commits
   5. reqs-uv / reqs-pip - a requirements change (venv rebuild) with uv on PATH and without
-  6. server cost of a poll - smart HTTP (nginx + git-http-backend on loopback) on a repository
+  6. real-reqs-pip / real-reqs-uv - a real-world requirements.txt (requests, jinja2 and their
+     dependencies) from a local index downloaded once from PyPI: first deploy, then a one-line
+     change (a markupsafe pin), with pip and with uv; and a new venv's size on disk
+  7. server cost of a poll - smart HTTP (nginx + git-http-backend on loopback) on a repository
      with 5,000 tags: bytes each way, requests and `fetch` commands per no-op and changed
      poll, for troops, `git fetch` and `ansible-pull` (`bench/run server-cost` runs only this)
 
@@ -399,7 +402,75 @@ def print_server_cost(cost):
     print("\nserver cost of a poll (smart HTTP, 5,000 tags):\n" + "\n".join(lines))
 
 
+def real_index(tools):
+    """requests and jinja2 with their dependencies as wheels, downloaded once."""
+    wheels = os.path.join(SCRATCH, "wheels")
+    have = os.listdir(wheels) if os.path.isdir(wheels) else []
+    if not any(f.startswith("requests-") for f in have):
+        os.makedirs(wheels, exist_ok=True)
+        print("bench: downloading requests and jinja2 from PyPI (once)", flush=True)
+        sh(os.path.join(tools, "bin", "pip"), "download", "-q", "-d", wheels, "--only-binary=:all:", "requests", "jinja2")
+    return wheels
+
+
+def scenario_real_requirements(troops, tools, runs):
+    wheels = real_index(tools)
+    markupsafe = next(f.split("-")[1] for f in os.listdir(wheels) if f.lower().startswith("markupsafe-"))
+    fleet = Fleet("real", troops, tools)
+    base = f"--no-index\n--find-links {wheels}\nrequests\njinja2\n"
+    out = {}
+    for name, path in [("uv", os.path.join(tools, "bin") + ":" + ENV["PATH"]), ("pip", ENV["PATH"])]:
+        env = dict(ENV, PATH=path)
+        first, change = [], []
+        for i in range(runs):
+            root = os.path.join(fleet.dir, f"real-{name}-{i}")
+            shutil.rmtree(root, ignore_errors=True)
+            with open(os.path.join(fleet.upstream, "requirements.txt"), "w") as f:
+                f.write(base + f"# {name} {i}\n")
+            git(fleet.upstream, "commit", "-q", "-am", f"real {name} {i}")
+            push_all(fleet.upstream, fleet.remotes)
+            fleet.troops_init(root)
+            first.append(measure([troops, "--root", root, "pull"], env))
+            with open(os.path.join(fleet.upstream, "requirements.txt"), "a") as f:
+                f.write(f"markupsafe=={markupsafe}\n")
+            git(fleet.upstream, "commit", "-q", "-am", f"pin markupsafe {name} {i}")
+            push_all(fleet.upstream, fleet.remotes)
+            change.append(measure([troops, "--root", root, "pull"], env))
+            shutil.rmtree(root, ignore_errors=True)
+        out[f"real-first-{name}"] = {"troops": summary(first)}
+        out[f"real-change-{name}"] = {"troops": summary(change)}
+    return out
+
+
+def venv_size(troops):
+    """Bytes on disk of a new venv with no packages (what every requirements change adds)."""
+    d = os.path.join(SCRATCH, "venv-size")
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    with open(os.path.join(d, "deploy.py"), "w") as f:
+        f.write("print('size')\n")
+    env = dict(ENV, XDG_CACHE_HOME=os.path.join(d, "cache"))
+    sh(troops, "run", d, env=env)
+    venvs = os.path.join(d, "cache", "troops", "venvs")
+    v = os.path.join(venvs, os.listdir(venvs)[0])
+    return int(sh("du", "-sb", v).stdout.split()[0])
+
+
 def main():
+    if sys.argv[1:] == ["venvs"]:
+        troops, tools = setup_tools()
+        sh("groupadd", "--system", "bench" + str(os.getpid()))
+        try:
+            results = scenario_real_requirements(troops, tools, SLOW_RUNS)
+            results.update(scenario_first("", Fleet("small", troops, tools), SLOW_RUNS))
+            results.update(scenario_requirements(Fleet("reqs", troops, tools), tools, SLOW_RUNS))
+        finally:
+            sh("groupdel", "bench" + str(os.getpid()), check=False)
+        for scen, r in results.items():
+            t = r["troops"]
+            print(f"{scen:<20} median {t['median_s'] * 1000:8.1f} ms  ({t['min_s'] * 1000:.1f}-{t['max_s'] * 1000:.1f})")
+        print(f"new venv on disk: {venv_size(troops) / 1024:.0f} KiB")
+        return 0
     if sys.argv[1:] == ["server-cost"]:
         troops, tools = setup_tools()
         cost = scenario_server_cost(troops, tools)
@@ -425,6 +496,7 @@ def main():
         results.update(scenario_polls("-large", large, False))
         results.update(scenario_first("-large", large, SLOW_RUNS))
         results.update(scenario_requirements(Fleet("reqs", troops, tools), tools, SLOW_RUNS))
+        results.update(scenario_real_requirements(troops, tools, SLOW_RUNS))
         server_cost = scenario_server_cost(troops, tools)
     finally:
         sh("groupdel", small.group, check=False)
@@ -442,8 +514,10 @@ def main():
     table = "\n".join(lines)
     print(f"\n{table}\n\nmachine: {machine}")
     print_server_cost(server_cost)
+    size = venv_size(troops)
+    print(f"new venv on disk (no packages): {size / 1024:.0f} KiB")
     with open(os.path.join(HERE, "results.json"), "w") as f:
-        json.dump({"machine": machine, "runs": RUNS, "results": results, "server_cost": server_cost}, f, indent=2)
+        json.dump({"machine": machine, "runs": RUNS, "results": results, "server_cost": server_cost, "venv_bytes": size}, f, indent=2)
     print(f"wrote {os.path.join(HERE, 'results.json')}")
 
 

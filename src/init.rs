@@ -685,6 +685,41 @@ fn stage_and_commit(
     key_comment: &str,
     group: &str,
 ) -> Result<(), InitError> {
+    // The interpreter's shared pip is unpacked and compiled while the key is made (both
+    // take a second or so), so that the first deploy does not pay for it. It is a cache:
+    // if init fails, one it made is removed again, and if this fails the deploy does it.
+    let shared = layout.shared_pip();
+    // What to remove if init fails: the outermost directory the warm-up may create.
+    let created = shared
+        .ancestors()
+        .take_while(|d| !d.exists())
+        .last()
+        .map(Path::to_path_buf);
+    let python = plan.settings.python.clone();
+    let warm = {
+        let shared = shared.clone();
+        std::thread::spawn(move || {
+            crate::deploy::venv::prepare_shared(&python, &shared, &mut |_| {})
+        })
+    };
+    let done = stage_and_commit_all(layout, plan, key_comment, group);
+    match warm.join() {
+        Ok(Err(e)) => tracing::debug!("could not prepare the shared pip yet: {e}"),
+        Err(_) => tracing::debug!("preparing the shared pip panicked"),
+        Ok(Ok(_)) => {}
+    }
+    if let (Err(_), Some(dir)) = (&done, &created) {
+        let _ = fs::remove_dir_all(dir);
+    }
+    done
+}
+
+fn stage_and_commit_all(
+    layout: &Layout,
+    plan: &Plan,
+    key_comment: &str,
+    group: &str,
+) -> Result<(), InitError> {
     let gid = accounts::group_gid(group)?.ok_or_else(|| AccountError::Failed {
         command: format!("getent group {group}"),
         message: "the group vanished".into(),

@@ -378,15 +378,27 @@ fn site_packages(venv: &Path) -> io::Result<PathBuf> {
 /// install), unpacked once from the wheels the interpreter ships, offline, into a
 /// directory keyed by the interpreter; every venv of that interpreter puts it on its path.
 fn shared_pip(spec: &VenvSpec, on_line: &mut dyn FnMut(&str)) -> Result<PathBuf, VenvError> {
+    prepare_shared(&spec.python, &spec.shared, on_line)
+}
+
+/// The shared pip of `python` under `shared`, unpacked and byte-compiled if it is not
+/// there yet. init calls it beside making the node's key, so that the first deploy finds
+/// it ready: compiling pip's modules is most of what a cold `pip install` costs.
+pub fn prepare_shared(
+    python: &Path,
+    shared: &Path,
+    on_line: &mut dyn FnMut(&str),
+) -> Result<PathBuf, VenvError> {
+    let spec_python = python;
     let mut h = Sha256::new();
     h.update(RECIPE);
     h.update([0]);
-    h.update(interpreter_identity(&spec.python)?);
+    h.update(interpreter_identity(spec_python)?);
     let id: String = h.finalize()[..8]
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    let dir = spec.shared.join(&id);
+    let dir = shared.join(&id);
     if dir.join(READY).exists() {
         return Ok(dir);
     }
@@ -394,10 +406,10 @@ fn shared_pip(spec: &VenvSpec, on_line: &mut dyn FnMut(&str)) -> Result<PathBuf,
         path: dir.clone(),
         message,
     };
-    fsutil::create_dirs(&spec.shared, 0o755).map_err(|e| fail(e.to_string()))?;
+    fsutil::create_dirs(&shared, 0o755).map_err(|e| fail(e.to_string()))?;
     on_line(&format!(
         "troops: unpacking {}'s bundled pip into {}",
-        spec.python.display(),
+        spec_python.display(),
         dir.display()
     ));
     // ensurepip's own wheels: Debian keeps them in /usr/share/python-wheels (its patched
@@ -417,10 +429,12 @@ if "pip" not in found:
     sys.exit("no pip wheel in " + ", ".join(d for d in dirs if d))
 for w in found.values():
     zipfile.ZipFile(w).extractall(dest)
+import compileall
+compileall.compile_dir(dest, quiet=2, workers=0)
 print(os.path.basename(found["pip"]))
 "#;
     // What an unpack killed halfway left (the caller holds the node lock: none is running).
-    for entry in fs::read_dir(&spec.shared).into_iter().flatten().flatten() {
+    for entry in fs::read_dir(&shared).into_iter().flatten().flatten() {
         if entry
             .file_name()
             .to_string_lossy()
@@ -429,8 +443,8 @@ print(os.path.basename(found["pip"]))
             let _ = fs::remove_dir_all(entry.path());
         }
     }
-    let tmp = spec.shared.join(format!(".{id}.{}", std::process::id()));
-    let out = Command::new(&spec.python)
+    let tmp = shared.join(format!(".{id}.{}", std::process::id()));
+    let out = Command::new(&spec_python)
         .args(["-I", "-c", UNPACK])
         .arg(&tmp)
         .env_clear()
@@ -438,7 +452,7 @@ print(os.path.basename(found["pip"]))
         .env("LANG", "C.UTF-8")
         .stdin(std::process::Stdio::null())
         .output()
-        .map_err(|e| fail(format!("{}: {e}", spec.python.display())))?;
+        .map_err(|e| fail(format!("{}: {e}", spec_python.display())))?;
     if !out.status.success() {
         let _ = fs::remove_dir_all(&tmp);
         return Err(fail(format!(
