@@ -406,7 +406,7 @@ pub fn prepare_shared(
         path: dir.clone(),
         message,
     };
-    fsutil::create_dirs(&shared, 0o755).map_err(|e| fail(e.to_string()))?;
+    fsutil::create_dirs(shared, 0o755).map_err(|e| fail(e.to_string()))?;
     on_line(&format!(
         "troops: unpacking {}'s bundled pip into {}",
         spec_python.display(),
