@@ -434,7 +434,7 @@ compileall.compile_dir(dest, quiet=2, workers=0)
 print(os.path.basename(found["pip"]))
 "#;
     // What an unpack killed halfway left (the caller holds the node lock: none is running).
-    for entry in fs::read_dir(&shared).into_iter().flatten().flatten() {
+    for entry in fs::read_dir(shared).into_iter().flatten().flatten() {
         if entry
             .file_name()
             .to_string_lossy()
@@ -444,7 +444,7 @@ print(os.path.basename(found["pip"]))
         }
     }
     let tmp = shared.join(format!(".{id}.{}", std::process::id()));
-    let out = Command::new(&spec_python)
+    let out = Command::new(spec_python)
         .args(["-I", "-c", UNPACK])
         .arg(&tmp)
         .env_clear()
