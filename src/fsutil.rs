@@ -11,13 +11,26 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = OpenOptions::new()
+    // Created exclusively and never through a symlink: in a directory another user can
+    // write (node_exporter's textfile directory), a link planted at the temp name must not
+    // make root truncate whatever it points at. One left by a dead process of the same pid
+    // is removed (the link itself, not its target) and the create tried once more.
+    let create = || {
+        OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .mode(mode)
-            .open(&tmp)?;
+            .open(&tmp)
+    };
+    let result = (|| {
+        let mut f = match create() {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                fs::remove_file(&tmp)?;
+                create()?
+            }
+            other => other?,
+        };
         f.write_all(contents)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
@@ -74,5 +87,25 @@ mod temp_tests {
         assert!(!super::is_temp(".pull.json.tmp-"));
         assert!(!super::is_temp(".x.tmp-12a"));
         assert!(!super::is_temp(".troops-ready"));
+    }
+}
+
+#[cfg(test)]
+mod planted {
+    use super::*;
+
+    #[test]
+    fn a_symlink_at_the_temp_name_is_replaced_not_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "precious").unwrap();
+        let dest = dir.path().join("troops.prom");
+        let tmp = dir
+            .path()
+            .join(format!(".troops.prom.tmp-{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        write_atomic(&dest, b"metrics", 0o644).unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(fs::read_to_string(&dest).unwrap(), "metrics");
     }
 }

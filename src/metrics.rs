@@ -104,6 +104,16 @@ fn unix(rfc3339: &str) -> Option<f64> {
     )
 }
 
+/// A hold's reason as a label: its first line, at most 120 characters. The text may come
+/// from a commit message (a malformed trailer), and a scraper may refuse long labels.
+fn short_reason(reason: &str) -> String {
+    let line = reason.lines().next().unwrap_or_default();
+    match line.char_indices().nth(120) {
+        Some((i, _)) => format!("{}…", &line[..i]),
+        None => line.to_owned(),
+    }
+}
+
 fn bool01(b: bool) -> u8 {
     b as u8
 }
@@ -222,7 +232,10 @@ pub fn render(status: &Status) -> String {
             );
             f.sample(
                 "troops_held_info",
-                &[("commit", &h.commit.to_string()), ("reason", &h.reason)],
+                &[
+                    ("commit", &h.commit.to_string()),
+                    ("reason", &short_reason(&h.reason)),
+                ],
                 1,
             );
         }

@@ -236,8 +236,10 @@ impl Settings {
         if !(1..=3600).contains(&self.keepalive) {
             return value("keepalive", "from 1 to 3600 (seconds)");
         }
-        if !(0..=1000).contains(&self.keep_venvs) {
-            return value("keep_venvs", "from 0 to 1000");
+        // At least 1: the deployed commit's venv (its services may run its python) is the
+        // last successful run's.
+        if !(1..=1000).contains(&self.keep_venvs) {
+            return value("keep_venvs", "from 1 to 1000");
         }
         if !(1..=100_000).contains(&self.keep_runs) {
             return value("keep_runs", "from 1 to 100000");

@@ -49,6 +49,7 @@ impl Status {
 /// The node's status as its files say it now. A damaged repository is reported, not an
 /// error: what is wrong is part of the status.
 pub fn gather(node: &Node) -> Result<Status, RepoError> {
+    // (No error is returned today; the signature leaves room for one that must stop it.)
     let layout = &node.layout;
     let branch = &node.settings.branch;
     let mut damage: Vec<String> =
@@ -86,13 +87,20 @@ pub fn gather(node: &Node) -> Result<Status, RepoError> {
         };
     let store = RunStore::new(layout.runs());
     let last_run = store.latest().map(|r| store.settle(r, &layout.lock_file()));
-    let remotes = crate::repo::remote_urls(&layout.repo().join("config"))?
-        .into_iter()
-        .map(|(name, url)| RemoteUrl {
-            name,
-            url: crate::repo::redact_url(&url),
-        })
-        .collect();
+    // The members' config: one they broke is part of the status, not the end of it.
+    let remotes = match crate::repo::remote_urls(&layout.repo().join("config")) {
+        Ok(r) => r,
+        Err(e) => {
+            damage.push(e.to_string());
+            Vec::new()
+        }
+    }
+    .into_iter()
+    .map(|(name, url)| RemoteUrl {
+        name,
+        url: crate::repo::redact_url(&url),
+    })
+    .collect();
     let retry_at = head.filter(|h| Some(*h) != deployed).and_then(|head| {
         let state: crate::backoff::RetryState =
             serde_json::from_slice(&std::fs::read(layout.retry_state()).ok()?).ok()?;

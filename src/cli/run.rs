@@ -68,7 +68,7 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
         commit: None,
         previous_commit: None,
         settings: serde_json::json!({ "roles": args.roles }),
-        hostname: args.hostname.clone(),
+        hostname: Some(args.hostname.clone().unwrap_or_else(troops::hostname::fqdn)),
         root: root.display().to_string(),
     };
     let scratch = tempfile::tempdir().context("failed to make a scratch dir")?;

@@ -281,7 +281,13 @@ fn deploy_checkout(
         commit: Some(commit.to_string()),
         previous_commit: previous.map(|p| p.to_string()),
         settings: serde_json::to_value(settings).unwrap_or_default(),
-        hostname: settings.hostname.clone(),
+        // As `hostname --fqdn` says, unless the settings name it: deploy.py gets it made.
+        hostname: Some(
+            settings
+                .hostname
+                .clone()
+                .unwrap_or_else(crate::hostname::fqdn),
+        ),
         root: layout.root().display().to_string(),
     };
     let scratch = layout.runs().join(record.id.to_string());

@@ -194,11 +194,12 @@ impl RunStore {
     }
 
     fn counts_except(&self, skip: Option<u64>) -> std::collections::BTreeMap<String, u64> {
-        if let Some(c) = fs::read(self.counts_path())
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-        {
-            return c;
+        // Recounted from the records only when there is no file: an unreadable one is kept
+        // as it is (counted on from zero would make a counter go backwards for good).
+        match fs::read(self.counts_path()) {
+            Ok(b) => return serde_json::from_slice(&b).unwrap_or_default(),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Default::default(),
+            Err(_) => {}
         }
         let mut counts = std::collections::BTreeMap::new();
         for r in self.list() {

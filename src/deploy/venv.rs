@@ -223,6 +223,8 @@ pub fn ensure(
         move |source| VenvError::Io { path, source }
     };
     if dir.join(READY).exists() {
+        // Its .pth names the shared pip: a cache someone removed is made again.
+        shared_pip(spec, on_line)?;
         match healthy(&dir) {
             Ok(()) => {
                 // Touch the marker: pruning keeps the recently used.
@@ -417,9 +419,9 @@ pub fn prepare_shared(
     const UNPACK: &str = r#"
 import ensurepip, glob, os, sys, zipfile
 dest = sys.argv[1]
-dirs = [getattr(ensurepip, "_WHEEL_PKG_DIR", None) or "",
+dirs = [d for d in (getattr(ensurepip, "_WHEEL_PKG_DIR", None),
         os.path.join(os.path.dirname(ensurepip.__file__), "_bundled"),
-        "/usr/share/python-wheels"]
+        "/usr/share/python-wheels") if d and os.path.isabs(d)]
 found = {}
 for d in dirs:
     for name in ("pip", "setuptools"):
@@ -431,6 +433,10 @@ for w in found.values():
     zipfile.ZipFile(w).extractall(dest)
 import compileall
 compileall.compile_dir(dest, quiet=2, workers=0)
+# Only a pip that imports from here is marked ready; and only once it is on disk.
+sys.path.insert(0, dest)
+import pip
+os.sync()
 print(os.path.basename(found["pip"]))
 "#;
     // What an unpack killed halfway left (the caller holds the node lock: none is running).
@@ -444,7 +450,9 @@ print(os.path.basename(found["pip"]))
         }
     }
     let tmp = shared.join(format!(".{id}.{}", std::process::id()));
+    // From `/`: nothing in whatever directory troops was started from is searched.
     let out = Command::new(spec_python)
+        .current_dir("/")
         .args(["-I", "-c", UNPACK])
         .arg(&tmp)
         .env_clear()
@@ -463,6 +471,7 @@ print(os.path.basename(found["pip"]))
     fsutil::write_atomic(&tmp.join(READY), &out.stdout, 0o644).map_err(|e| fail(e.to_string()))?;
     let _ = fs::remove_dir_all(&dir);
     fs::rename(&tmp, &dir).map_err(|e| fail(e.to_string()))?;
+    let _ = fsutil::sync_dir(shared);
     Ok(dir)
 }
 
