@@ -13,6 +13,7 @@ pub mod fsutil;
 pub mod gate;
 pub mod hook;
 pub mod hosting;
+pub mod hostname;
 pub mod init;
 pub mod keys;
 pub mod lock;

@@ -277,3 +277,77 @@ fn troops_run_uses_a_working_copy_and_no_node_state() {
     assert!(out.stdout.contains("web ran"), "{}", out.stdout);
     assert!(!root.exists(), "troops run wrote node state");
 }
+
+/// `troops pull` in a mount and UTS namespace of its own, with `hostname` as the machine's
+/// name and `hosts` bind-mounted over /etc/hosts: the host's own files are never touched.
+fn pull_as_host(node: &Node, hostname: &str, hosts: &str, dir: &std::path::Path) -> Run {
+    let file = dir.join(format!("hosts-{hostname}"));
+    std::fs::write(&file, hosts).unwrap();
+    let script = format!(
+        "hostname {hostname} && mount --bind {} /etc/hosts && exec {} --root {} pull",
+        file.display(),
+        node.exe.display(),
+        node.root.display()
+    );
+    std::process::Command::new("unshare")
+        .args([
+            "--mount",
+            "--uts",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .output()
+        .expect("unshare runs")
+        .into()
+}
+
+#[test]
+fn hostname_is_what_hostname_fqdn_says_even_when_localhost_comes_first() {
+    let t = one_remote(&[]);
+    t.up.write(
+        "deploy.py",
+        "import pathlib, troops\nweb = troops.define_role('web', hosts=['web-*'])\npathlib.Path(troops.root, 'seen').write_text(f'{troops.hostname()} {web}')\n",
+    );
+    t.ship("who am i");
+    // The common container/VM layout: 127.0.0.1 names localhost first, then the machine.
+    pull_as_host(
+        &t.node,
+        "web-7",
+        "127.0.0.1 localhost\n127.0.0.1 web-7\n",
+        &t.world.path(""),
+    )
+    .ok();
+    assert_eq!(t.node.read("seen").as_deref(), Some("web-7 True"));
+    // Debian's layout: the FQDN on 127.0.1.1.
+    t.up.write("x", "2");
+    t.ship("again");
+    pull_as_host(
+        &t.node,
+        "web-7",
+        "127.0.0.1 localhost\n127.0.1.1 web-7.example.com web-7\n",
+        &t.world.path(""),
+    )
+    .ok();
+    assert_eq!(
+        t.node.read("seen").as_deref(),
+        Some("web-7.example.com True")
+    );
+    // The setting still wins.
+    t.node.set("hostname", "\"db-1.example.com\"");
+    t.up.write("x", "3");
+    t.ship("named");
+    pull_as_host(
+        &t.node,
+        "web-7",
+        "127.0.0.1 localhost web-7\n",
+        &t.world.path(""),
+    )
+    .ok();
+    assert_eq!(
+        t.node.read("seen").as_deref(),
+        Some("db-1.example.com False")
+    );
+}
