@@ -109,6 +109,11 @@ pub struct Plan {
     pub warnings: Vec<String>,
 }
 
+/// Whether `url` is fetched over HTTP(S), where this module's plan applies.
+pub fn is_http(url: &str) -> bool {
+    url.starts_with("http://") || url.starts_with("https://")
+}
+
 /// The `http.*` keys troops carries out; any other is named in a warning.
 const SUPPORTED_HTTP: &[&str] = &[
     "proxy",

@@ -157,7 +157,8 @@ impl PullOutcome {
     }
 }
 
-fn load_retry(layout: &Layout) -> Option<RetryState> {
+/// The failures of the commit being retried, if a deploy failed.
+pub fn load_retry(layout: &Layout) -> Option<RetryState> {
     serde_json::from_slice(&std::fs::read(layout.retry_state()).ok()?).ok()
 }
 
@@ -318,10 +319,10 @@ fn hosting_warnings(
     let env = crate::hosting::Env::from_process();
     let mut warnings: Vec<String> = Vec::new();
     for (name, url) in remotes {
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
+        if !crate::hosting::is_http(url) {
             continue;
         }
-        let bare = crate::repo::split_credentials(url).map_or(url.clone(), |(_, _, b)| b);
+        let bare = crate::repo::without_credentials(url);
         let root_named = repo.config_value(&format!("remote.{name}.url")).as_deref() == Some(url);
         for w in crate::hosting::plan(&config, &env, name, &bare, root_named).warnings {
             if !warnings.contains(&w) {

@@ -431,6 +431,11 @@ pub fn redact_text(text: &str, urls: &[&str]) -> String {
     out
 }
 
+/// `url` without the user and password [`split_credentials`] finds in it.
+pub fn without_credentials(url: &str) -> String {
+    split_credentials(url).map_or_else(|| url.to_owned(), |(_, _, bare)| bare)
+}
+
 /// The user and password in `url` (an http(s) user alone counts, with an empty password:
 /// a token given as the user name), and the URL without them.
 pub fn split_credentials(url: &str) -> Option<(String, String, String)> {
@@ -575,8 +580,7 @@ pub fn check_ca_bundle(pem: &[u8]) -> Result<usize, String> {
 /// A fetch error as an operator needs it: a refused or missing credential said plainly,
 /// and the proxy named when one was in the way.
 fn explain_fetch_error(message: &str, url: &str, plan: &crate::hosting::Plan) -> String {
-    let http = url.starts_with("http://") || url.starts_with("https://");
-    if !http {
+    if !crate::hosting::is_http(url) {
         return message.to_owned();
     }
     let refused = ["AuthenticationRequired", "HTTP status 401"];
@@ -751,8 +755,7 @@ impl Repo {
             .with_refspecs([spec.as_str()], Direction::Fetch)
             .map_err(|e| fail(&e))?
             .with_fetch_tags(gix::remote::fetch::Tags::None);
-        let is_http = url.starts_with("http://") || url.starts_with("https://");
-        if !is_http {
+        if !crate::hosting::is_http(url) {
             let connection = anonymous.connect(Direction::Fetch).map_err(|e| fail(&e))?;
             return self
                 .receive(connection, a, serialise, &fail)

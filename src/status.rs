@@ -102,8 +102,7 @@ pub fn gather(node: &Node) -> Result<Status, RepoError> {
     })
     .collect();
     let retry_at = head.filter(|h| Some(*h) != deployed).and_then(|head| {
-        let state: crate::backoff::RetryState =
-            serde_json::from_slice(&std::fs::read(layout.retry_state()).ok()?).ok()?;
+        let state = crate::pull::load_retry(layout)?;
         let now = crate::clock::unix_now().ok()?;
         crate::backoff::retry_at(
             Some(&state),

@@ -54,12 +54,11 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
         false => {
             // The system git config is read for HTTP only: a broken one says so there, and
             // never stops an ssh fetch, which takes nothing from it.
-            let http = url.starts_with("http://") || url.starts_with("https://");
-            let config = match http {
+            let config = match troops::hosting::is_http(&url) {
                 true => troops::repo::system_config(&layout.system_gitconfig())?,
                 false => Default::default(),
             };
-            let bare = troops::repo::split_credentials(&url).map_or(url.clone(), |(_, _, b)| b);
+            let bare = troops::repo::without_credentials(&url);
             let env = troops::hosting::Env::from_process();
             let mut plan = troops::hosting::plan(&config, &env, &args.remote, &bare, root_named);
             plan.extra_roots = Some(layout.ca_certs()).filter(|p| p.exists());
