@@ -32,6 +32,8 @@ pub enum InitError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("--root: {0}")]
+    Root(String),
     #[error("no remotes: give one with --remote NAME=URL or in the seed's troops.remotes")]
     NoRemotes,
 }
@@ -272,6 +274,7 @@ pub fn plan(layout: &Layout, req: &Request) -> Result<Plan, InitError> {
     }
 
     let ssh_dir = layout.ssh_dir();
+    keys::check_root(&ssh_dir).map_err(InitError::Root)?;
     let wanted = |repo: Option<&Repo>, is_new: bool, pairs: Vec<(&'static str, String)>| {
         let mut out = Vec::new();
         let mut said = Vec::new();
@@ -314,7 +317,8 @@ pub fn plan(layout: &Layout, req: &Request) -> Result<Plan, InitError> {
             files.push((path, contents, mode));
         }
     };
-    let pinned = seed.known_hosts.is_some();
+    // A re-init that does not restate known_hosts never weakens what a seed pinned.
+    let pinned = seed.known_hosts.is_some() || keys::is_pinned(&ssh_dir);
     want_file(
         ssh_dir.join("config"),
         keys::ssh_config(&ssh_dir, pinned),

@@ -114,8 +114,38 @@ impl Drop for StagedKey {
     }
 }
 
+/// A path as ssh_config(5) reads it: in double quotes, with `%` doubled because
+/// IdentityFile and UserKnownHostsFile expand `%` tokens. `check_root` has refused what
+/// cannot be quoted here.
 fn quote(p: &Path) -> String {
-    format!("\"{}\"", p.display())
+    format!("\"{}\"", p.display().to_string().replace('%', "%%"))
+}
+
+/// A path for the shell that git and gix run `core.sshCommand` with: single quotes expand
+/// nothing, so a root holding `$(…)` or a space stays one literal word.
+fn shell_quote(p: &Path) -> String {
+    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
+}
+
+/// Whether ssh's config can name files under `dir`: it has no escape for a double quote,
+/// and a line ends at a newline.
+pub fn check_root(dir: &Path) -> Result<(), String> {
+    match dir.to_str() {
+        None => Err(format!("{}: not UTF-8", dir.display())),
+        Some(s) if s.contains('"') || s.chars().any(char::is_control) => Err(format!(
+            "{s:?}: a double quote or control character in the node's root cannot be written in ssh's config"
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+/// Whether the ssh config in `ssh_dir` refuses unknown host keys: a re-init that does not
+/// restate known_hosts keeps what an earlier seed pinned.
+pub fn is_pinned(ssh_dir: &Path) -> bool {
+    fs::read_to_string(ssh_dir.join("config")).is_ok_and(|c| {
+        c.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["StrictHostKeyChecking", "yes"])
+    })
 }
 
 /// The ssh config every fetch runs with. `pinned`: the seed gave known_hosts, so an unknown
@@ -141,5 +171,5 @@ pub fn ssh_config(ssh_dir: &Path, pinned: bool) -> String {
 
 /// The command git and gix run for ssh remotes of this node.
 pub fn ssh_command(ssh_dir: &Path) -> String {
-    format!("ssh -F {}", quote(&ssh_dir.join("config")))
+    format!("ssh -F {}", shell_quote(&ssh_dir.join("config")))
 }

@@ -263,3 +263,71 @@ fn an_ssh_fetch_runs_ssh_once_without_a_feature_probe() {
     assert_eq!(calls.lines().count(), 1, "one ssh per fetch: {calls}");
     assert!(!calls.contains(" -G "), "probed first: {calls}");
 }
+
+#[test]
+fn a_re_init_without_a_seed_keeps_the_pinned_host_key() {
+    let world = World::new();
+    let sshd = Sshd::start(&world);
+    let remote = world.bare("origin");
+    let up = world.upstream("src");
+    up.write("deploy.py", &simple_deploy("x"));
+    up.commit("one");
+    up.push(&remote);
+    let url = sshd.url(&remote);
+    // Pinned to a key the server does not have: every fetch must be refused.
+    let wrong = format!(
+        "[127.0.0.1]:{} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl",
+        sshd.port
+    );
+    let node = seeded_node(&world, "repin", &url, Some(&wrong));
+    sshd.authorize("root", &node.troops(&["key"]).ok().stdout);
+    // The operator re-runs init by hand, with the user data long gone.
+    node.troops(&[
+        "init",
+        "--no-pull",
+        "--group",
+        &node.group,
+        "--remote",
+        &format!("origin={url}"),
+    ])
+    .ok();
+    let config = node.read("var/lib/troops/ssh/config").unwrap();
+    assert!(
+        config.contains("StrictHostKeyChecking yes"),
+        "re-init weakened host-key checking:\n{config}"
+    );
+    assert_eq!(
+        node.read("var/lib/troops/ssh/known_hosts").unwrap().trim(),
+        wrong
+    );
+    node.troops(&["pull"]).failed();
+    assert_eq!(node.deployed(), None, "a host with another key was trusted");
+}
+
+#[test]
+fn a_root_holding_shell_text_or_a_space_is_never_run_by_ssh() {
+    let world = World::new();
+    let marker = world.path("pwned");
+    let mut node = world.node("plain");
+    node.root = world.path(&format!("nodes/a b$(touch {})", marker.display()));
+    // Nothing listens on port 1: ssh must get as far as connecting, with the config found.
+    node.troops(&[
+        "init",
+        "--no-pull",
+        "--group",
+        &node.group,
+        "--remote",
+        "origin=ssh://git@127.0.0.1:1/x.git",
+    ])
+    .ok();
+    node.troops(&["pull"]).failed();
+    assert!(!marker.exists(), "the root's shell text ran");
+    let problem = node.remote_report("origin")["problem"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        problem.to_lowercase().contains("connection refused"),
+        "{problem}"
+    );
+}
