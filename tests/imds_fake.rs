@@ -22,6 +22,14 @@ pub enum Mode {
     Unavailable(usize),
     /// Never answers in time.
     Slow,
+    /// Every token is refused: 401 on every GET, as when tokens are checked against a clock
+    /// that disagrees.
+    Unauthorized,
+    /// Hands out empty tokens.
+    EmptyToken,
+    /// The token PUT never answers in time, GETs do: EC2 with a hop limit of 1 seen from a
+    /// container, whose PUT responses die on the way.
+    SlowToken,
 }
 
 pub struct FakeImds {
@@ -137,6 +145,12 @@ fn serve(mut conn: TcpStream, state: &State) {
         );
     }
     match (method, path) {
+        ("PUT", "/latest/api/token") if state.mode == Mode::SlowToken => {
+            std::thread::sleep(Duration::from_secs(30));
+        }
+        ("PUT", "/latest/api/token") if state.mode == Mode::EmptyToken => {
+            respond(&mut conn, "200 OK", &[], b"")
+        }
         ("PUT", "/latest/api/token") => {
             let Some(ttl) = header("x-aws-ec2-metadata-token-ttl-seconds") else {
                 return respond(&mut conn, "400 Bad Request", &[], b"missing TTL");
@@ -160,13 +174,20 @@ fn serve(mut conn: TcpStream, state: &State) {
                     .is_some_and(|n| n < issued),
                 None => false,
             };
-            if !valid {
+            if !valid || state.mode == Mode::Unauthorized {
                 return respond(&mut conn, "401 Unauthorized", &[], b"");
             }
             if state.mode == Mode::NoUserData {
                 return respond(&mut conn, "404 Not Found", &[], b"");
             }
             respond(&mut conn, "200 OK", &[], &state.user_data)
+        }
+        // IMDSv2 required, as on current instance types: no token, no metadata.
+        ("GET", p) if p.starts_with("/latest/meta-data") => {
+            match header("x-aws-ec2-metadata-token") {
+                Some(_) => respond(&mut conn, "200 OK", &[], b"ami-id\ninstance-id\n"),
+                None => respond(&mut conn, "401 Unauthorized", &[], b""),
+            }
         }
         _ => respond(&mut conn, "404 Not Found", &[], b""),
     }
