@@ -661,3 +661,201 @@ fn the_pull_interval_comes_from_the_settings() {
         String::from_utf8_lossy(&verify.stderr)
     );
 }
+
+#[test]
+fn imds_that_refuses_every_token_is_asked_a_bounded_number_of_times() {
+    let world = World::new();
+    let (_, fake, out) = imds_node(&world, Mode::Unauthorized, b"", 20);
+    let err = out.failed().stderr;
+    assert!(err.contains("401") && err.contains("token"), "{err}");
+    let log = fake.log();
+    assert!(
+        log.iter().filter(|l| l.starts_with("PUT")).count() <= 3 && log.len() <= 8,
+        "kept re-tokening: {} requests: {log:?}",
+        log.len()
+    );
+
+    let (_, fake, out) = imds_node(&world, Mode::EmptyToken, b"", 20);
+    let err = out.failed().stderr;
+    assert!(err.contains("empty token"), "{err}");
+    assert!(fake.log().len() <= 3, "{:?}", fake.log());
+}
+
+#[test]
+fn imds_failures_name_their_cause_and_report_while_waiting() {
+    let world = World::new();
+    // Nothing listens: the error says so, and a status line came while init waited.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let node = world.node("imds-nothing");
+    std::fs::create_dir_all(node.path("etc/troops")).unwrap();
+    std::fs::write(
+        node.path("etc/troops/troops.toml"),
+        format!(
+            "imds = \"http://127.0.0.1:{port}\"\nimds_deadline = 11\nadmin_group = \"{}\"\n",
+            node.group
+        ),
+    )
+    .unwrap();
+    let out = init(&node, &[]).failed();
+    assert!(
+        out.stderr.to_lowercase().contains("connection refused"),
+        "the cause is not named:\n{}",
+        out.all()
+    );
+    assert!(
+        out.all().contains("waiting for EC2 metadata at") && out.all().contains("attempt"),
+        "no status line while waiting:\n{}",
+        out.all()
+    );
+
+    // The token PUT hangs while GETs answer: the hop limit, named.
+    let (_, _, out) = imds_node(&world, Mode::SlowToken, b"", 20);
+    let err = out.failed().stderr;
+    assert!(err.contains("hop limit"), "{err}");
+
+    // IMDS disabled: said, and no fallback to IMDSv1.
+    let (_, _, out) = imds_node(&world, Mode::Disabled, b"", 20);
+    let err = out.failed().stderr;
+    assert!(
+        err.contains("disabled or blocked") && err.contains("IMDSv1"),
+        "{err}"
+    );
+}
+
+/// The schema-clean form: the troops section as the file cloud-init's write_files writes.
+fn write_files_seed(remote: &str) -> String {
+    format!(
+        "#cloud-config\npackages: [git]\nwrite_files:\n  - path: /etc/motd\n    content: hello\n  - path: /etc/troops/seed.yaml\n    permissions: \"0600\"\n    content: |\n      remotes: {{origin: \"file://{remote}\"}}\n      roles: [web, cache]\n"
+    )
+}
+
+#[test]
+fn the_schema_clean_seed_through_seed_file_nocloud_imds_and_the_node() {
+    let world = World::new();
+    let remote = world.bare("origin");
+    let r = remote.display().to_string();
+    let ud = write_files_seed(&r);
+
+    let node = world.node("wf-seed");
+    let seed = world.path("wf.yaml");
+    std::fs::write(&seed, &ud).unwrap();
+    init(&node, &["--seed", seed.to_str().unwrap()]).ok();
+    assert_seeded(&node, &r);
+
+    let node = world.node("wf-nocloud");
+    std::fs::create_dir_all(node.path("var/lib/cloud/seed/nocloud")).unwrap();
+    std::fs::write(node.path("var/lib/cloud/seed/nocloud/user-data"), &ud).unwrap();
+    init(&node, &[]).ok();
+    assert_seeded(&node, &r);
+
+    let (node, _, out) = imds_node(&world, Mode::Normal, ud.as_bytes(), 20);
+    out.ok();
+    assert_seeded(&node, &r);
+
+    // On a node, cloud-init has written the file itself: troops reads it before cloud-init's
+    // copy of the user data (which, schema-clean, has no troops key).
+    let node = world.node("wf-on-node");
+    std::fs::create_dir_all(node.path("etc/troops")).unwrap();
+    std::fs::write(
+        node.path("etc/troops/seed.yaml"),
+        format!("remotes: {{origin: \"file://{r}\"}}\nroles: [web, cache]\n"),
+    )
+    .unwrap();
+    std::fs::create_dir_all(node.path("var/lib/cloud/instance")).unwrap();
+    std::fs::write(node.path("var/lib/cloud/instance/user-data.txt"), &ud).unwrap();
+    let out = init(&node, &[]).ok();
+    assert!(
+        out.stdout.contains("etc/troops/seed.yaml"),
+        "{}",
+        out.stdout
+    );
+    assert_seeded(&node, &r);
+}
+
+#[test]
+fn user_data_cloud_init_reads_never_stops_the_search() {
+    let world = World::new();
+    let remote = world.bare("origin");
+    let r = remote.display().to_string();
+    // cloud-init's copy holds what PyYAML reads and troops used to refuse, without a troops
+    // section; the NoCloud seed has one.
+    for (name, other) in [
+        (
+            "dup",
+            "#cloud-config\napt: {preserve_sources_list: true}\napt: {sources: {}}\n",
+        ),
+        ("nullkey", "#cloud-config\n~: x\nruncmd: [ls]\n"),
+        (
+            "binary",
+            "#cloud-config\nwrite_files:\n - path: /x.gz\n   encoding: gzip\n   content: !!binary |\n     H4sIAAAAAAAA/ytJLS4BAKHIa9gEAAAA\n",
+        ),
+        ("broken", "#cloud-config\nruncmd: [\n"),
+    ] {
+        let node = world.node(&format!("search-{name}"));
+        std::fs::create_dir_all(node.path("var/lib/cloud/instance")).unwrap();
+        std::fs::write(node.path("var/lib/cloud/instance/user-data.txt"), other).unwrap();
+        std::fs::create_dir_all(node.path("var/lib/cloud/seed/nocloud")).unwrap();
+        std::fs::write(
+            node.path("var/lib/cloud/seed/nocloud/user-data"),
+            cloud_config(&r),
+        )
+        .unwrap();
+        let out = init(&node, &[]);
+        assert_eq!(out.code, 0, "{name}: {}", out.all());
+        assert_seeded(&node, &r);
+    }
+    // With nothing anywhere, --if-seeded says why it found nothing, and succeeds.
+    let node = world.node("search-unreadable");
+    std::fs::create_dir_all(node.path("var/lib/cloud/instance")).unwrap();
+    std::fs::write(
+        node.path("var/lib/cloud/instance/user-data.txt"),
+        "#cloud-config\nruncmd: [\n",
+    )
+    .unwrap();
+    let out = init(&node, &["--if-seeded"]).ok();
+    assert!(
+        out.stdout
+            .contains("no troops section: unreadable: invalid YAML: line 2"),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
+fn user_data_is_sniffed_as_cloud_init_sniffs_it() {
+    let world = World::new();
+    let remote = world.bare("origin");
+    let r = remote.display().to_string();
+    let yaml = cloud_config(&r);
+    for (name, ud) in [
+        (
+            "subject-first",
+            format!("Subject: web node\n{}", mime(&yaml)),
+        ),
+        ("bom", format!("\u{feff}{yaml}")),
+        (
+            "upper-header",
+            yaml.replace("#cloud-config", "#Cloud-Config"),
+        ),
+        ("untyped-header", mime(&yaml.replace("#cloud-config\n", ""))),
+    ] {
+        let node = world.node(&format!("sniff-{name}"));
+        let seed = world.path(&format!("{name}.ud"));
+        std::fs::write(&seed, &ud).unwrap();
+        let out = init(&node, &["--seed", seed.to_str().unwrap()]);
+        assert_eq!(out.code, 0, "{name}: {}", out.all());
+        assert_seeded(&node, &r);
+    }
+    let node = world.node("sniff-jinja");
+    let seed = world.path("jinja.ud");
+    std::fs::write(&seed, format!("## template: jinja\n{yaml}")).unwrap();
+    let err = init(&node, &["--seed", seed.to_str().unwrap()])
+        .failed()
+        .stderr;
+    assert!(err.contains("not supported: a jinja template"), "{err}");
+    assert!(!err.contains("without a troops section"), "{err}");
+}

@@ -169,6 +169,8 @@ pub enum SourceKind {
     PreseedFile(PathBuf),
     /// The debconf answers the package was installed with.
     Debconf,
+    /// The schema-clean seed cloud-init's `write_files` put on the node.
+    SeedFile,
     /// cloud-init's own copy of the user data.
     CloudInit,
     /// A NoCloud seed directory.
@@ -218,6 +220,7 @@ pub fn sources(
     }
     out.extend([
         SourceKind::Debconf,
+        SourceKind::SeedFile,
         SourceKind::CloudInit,
         SourceKind::NoCloud,
     ]);
@@ -242,6 +245,8 @@ pub enum Found {
     /// It had user data, but no troops section in it.
     NoSection(String),
     Nothing(String),
+    /// It would not say, for this reason.
+    Refused(String, String),
 }
 
 fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, SeedError> {
@@ -257,8 +262,11 @@ fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, SeedError> {
 
 fn from_userdata(bytes: &[u8], origin: String) -> Result<Found, SeedError> {
     Ok(match userdata::parse(bytes, &origin)? {
-        Some(seed) => Found::Seed { seed, origin },
-        None => Found::NoSection(origin),
+        userdata::Section::Found(seed) => Found::Seed { seed, origin },
+        userdata::Section::Absent(None) => Found::NoSection(origin),
+        userdata::Section::Absent(Some(why)) => {
+            Found::Refused(origin, format!("no troops section: {why}"))
+        }
     })
 }
 
@@ -297,6 +305,17 @@ impl SourceKind {
                     },
                 )
             }
+            SourceKind::SeedFile => {
+                let path = root.join(userdata::SEED_FILE.trim_start_matches('/'));
+                let origin = path.display().to_string();
+                match read_optional(&path)? {
+                    Some(b) => Ok(Found::Seed {
+                        seed: userdata::parse_seed_file(&b, &origin)?,
+                        origin,
+                    }),
+                    None => Ok(Found::Nothing(origin)),
+                }
+            }
             SourceKind::CloudInit => {
                 let path = root.join(CLOUD_INIT_COPY);
                 match read_optional(&path)? {
@@ -319,9 +338,10 @@ impl SourceKind {
             SourceKind::Imds { endpoint, deadline } => {
                 let origin = format!("EC2 user data ({endpoint})");
                 let client = imds::Imds::new(endpoint, *deadline);
-                match client.user_data()? {
-                    Some(b) => from_userdata(&b, origin),
-                    None => Ok(Found::Nothing(origin)),
+                match client.user_data(&mut |line| tracing::warn!("{line}"))? {
+                    imds::UserData::Found(b) => from_userdata(&b, origin),
+                    imds::UserData::Absent => Ok(Found::Nothing(origin)),
+                    imds::UserData::Refused(why) => Ok(Found::Refused(origin, why)),
                 }
             }
         }
@@ -341,6 +361,7 @@ pub fn discover(root: &Path, sources: &[SourceKind]) -> Result<(Seed, String), S
                 looked.push(format!("{origin} (user data without a troops section)"))
             }
             Found::Nothing(origin) => looked.push(format!("{origin} (none)")),
+            Found::Refused(origin, why) => looked.push(format!("{origin} ({why})")),
         }
     }
     if !sources.iter().any(|s| matches!(s, SourceKind::Imds { .. })) {
@@ -420,9 +441,11 @@ mod examples {
     #[test]
     fn every_example_parses() {
         for name in ["user-data.yaml", "user-data.json", "user-data.mime"] {
-            let seed = super::userdata::parse(&example(name), name)
-                .unwrap_or_else(|e| panic!("{e}"))
-                .unwrap_or_else(|| panic!("{name} has no troops section"));
+            let super::userdata::Section::Found(seed) =
+                super::userdata::parse(&example(name), name).unwrap_or_else(|e| panic!("{e}"))
+            else {
+                panic!("{name} has no troops section")
+            };
             assert_eq!(
                 seed.remotes["origin"], "git@repos.example.com:deploy",
                 "{name}"
