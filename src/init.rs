@@ -34,6 +34,8 @@ pub enum InitError {
     },
     #[error("--root: {0}")]
     Root(String),
+    #[error("--python {}: {why}", .path.display())]
+    Python { path: PathBuf, why: String },
     #[error("no remotes: give one with --remote NAME=URL or in the seed's troops.remotes")]
     NoRemotes,
 }
@@ -74,6 +76,9 @@ pub struct Plan {
     files: Vec<(PathBuf, String, u32)>,
     create_group: bool,
     admins: Vec<String>,
+    /// Admins whose accounts do not exist yet, when the seed named admins: each pull adds
+    /// those that exist by then.
+    pending_admins: Option<Vec<String>>,
     /// Hooks to (re)write in the repo: name and script.
     hooks: Vec<(&'static str, String)>,
     /// Mark the repo safe for every user in the system git config.
@@ -180,6 +185,8 @@ pub fn plan(layout: &Layout, req: &Request) -> Result<Plan, InitError> {
         settings.verify = v;
     }
     if let Some(p) = &req.python {
+        // Said now, not at the first deploy, minutes later on a node nobody watches.
+        check_python(p)?;
         settings.python = p.clone();
     }
     if let Some(g) = &req.group {
@@ -438,13 +445,29 @@ pub fn plan(layout: &Layout, req: &Request) -> Result<Plan, InitError> {
         changes.push(format!("group {group}: create"));
     }
     let mut admins = Vec::new();
+    let mut pending = Vec::new();
     for a in seed.admins.iter().flatten() {
         if !accounts::user_exists(a)? {
-            return Err(AccountError::NoSuchUser(a.clone()).into());
+            // On EC2 troops may read the user data before cloud-init made the user.
+            pending.push(a.clone());
+            continue;
         }
         if create_group || !accounts::is_member(a, &group)? {
             changes.push(format!("admin {a}: add to group {group}"));
             admins.push(a.clone());
+        }
+    }
+
+    let pending_admins = seed.admins.as_ref().map(|_| pending);
+    if let Some(p) = &pending_admins {
+        let old = crate::admins::pending(layout);
+        for a in p.iter().filter(|a| !old.contains(a)) {
+            changes.push(format!(
+                "admin {a}: pending (no such user yet; added to group {group} by the first pull after it exists)"
+            ));
+        }
+        if old.iter().any(|a| !p.contains(a)) {
+            changes.push(format!("pending admins: {}", list(p)));
         }
     }
 
@@ -463,6 +486,7 @@ pub fn plan(layout: &Layout, req: &Request) -> Result<Plan, InitError> {
         files,
         create_group,
         admins,
+        pending_admins,
         hooks,
         trust,
         proxy,
@@ -776,7 +800,7 @@ fn stage_and_commit_all(
     if plan.new_repo {
         let dir = aside(layout.repo());
         let _ = fs::remove_dir_all(&dir.path);
-        let mut repo = Repo::create(&dir.path)?;
+        let mut repo = Repo::create(&dir.path, &plan.settings.branch)?;
         repo.configure(&plan.remotes, &config)?;
         for (which, script) in &plan.hooks {
             let path = dir.path.join("hooks").join(which);
@@ -806,7 +830,7 @@ fn stage_and_commit_all(
     if plan.new_node_repo {
         let dir = aside(layout.node_repo());
         let _ = fs::remove_dir_all(&dir.path);
-        let mut repo = Repo::create(&dir.path)?;
+        let mut repo = Repo::create(&dir.path, &plan.settings.branch)?;
         repo.configure(&plan.node_remotes, &node_config)?;
         // Root runs no hooks; an empty hooks directory says so to whoever looks.
         let hooks = dir.path.join("hooks");
@@ -867,11 +891,33 @@ fn stage_and_commit_all(
     for a in &plan.admins {
         accounts::add_member(a, group)?;
     }
+    if let Some(p) = &plan.pending_admins {
+        crate::admins::set_pending(layout, p).map_err(io_err(&layout.pending_admins()))?;
+    }
     // Settings last: a node with settings is a node that finished init.
     if let Some(f) = settings_file {
         f.commit()?;
     }
     Ok(())
+}
+
+/// The interpreter deploys will build venvs from: an absolute path to an executable file.
+fn check_python(path: &Path) -> Result<(), InitError> {
+    use std::os::unix::fs::PermissionsExt;
+    let bad = |why: &str| InitError::Python {
+        path: path.to_owned(),
+        why: why.to_owned(),
+    };
+    if !path.is_absolute() {
+        return Err(bad("not an absolute path"));
+    }
+    match fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(bad("no such file")),
+        Err(e) => Err(bad(&e.to_string())),
+        Ok(m) if !m.is_file() => Err(bad("not a file")),
+        Ok(m) if m.permissions().mode() & 0o111 == 0 => Err(bad("not executable")),
+        Ok(_) => Ok(()),
+    }
 }
 
 /// `NAME=URL`, `--role`, `--branch` as a seed.

@@ -2,6 +2,7 @@
 //! glue; everything it does lives in these modules, none of which knows about a terminal.
 
 pub mod accounts;
+pub mod admins;
 pub mod advance;
 pub mod backoff;
 pub mod clock;

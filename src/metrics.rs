@@ -246,6 +246,11 @@ pub fn render(status: &Status) -> String {
         Some(status.interval),
     );
     f.gauge(
+        "troops_pending_admins",
+        "Admins the seed named whose accounts do not exist yet.",
+        Some(status.pending_admins.len() as u64),
+    );
+    f.gauge(
         "troops_retry_at_timestamp_seconds",
         "When a failed deploy is next tried, in unix seconds, while one waits.",
         status.retry_at,
@@ -277,8 +282,10 @@ mod tests {
             retry_at: None,
             runs_total: Default::default(),
             interval: 300,
+            pending_admins: vec!["ops".into()],
         };
         let text = render(&status);
+        assert!(text.contains("troops_pending_admins 1\n"), "{text}");
         assert!(text.contains("troops_up_to_date 0\n"), "{text}");
         assert!(
             text.contains("troops_runs_total{result=\"failed\"} 0\n"),

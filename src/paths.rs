@@ -30,6 +30,10 @@ impl Layout {
     pub fn state_dir(&self) -> PathBuf {
         self.under("var/lib/troops")
     }
+    /// Admins the seed named whose accounts did not exist yet (admins.rs).
+    pub fn pending_admins(&self) -> PathBuf {
+        self.under("var/lib/troops/pending-admins")
+    }
     /// The system git config: where the repo is marked safe for pushers.
     pub fn system_gitconfig(&self) -> PathBuf {
         self.under("etc/gitconfig")

@@ -363,6 +363,18 @@ pub fn pull(
     }
     let branch_ref = format!("refs/heads/{}", settings.branch);
     let mut repaired = remove_stale_locks(node, &repo);
+    // Admins the seed named before their accounts existed: cheap when there are none.
+    match crate::admins::settle(layout, &settings.admin_group) {
+        Ok(settled) => {
+            for a in settled.added {
+                tracing::info!(
+                    "admin {a} exists now: added to group {}",
+                    settings.admin_group
+                );
+            }
+        }
+        Err(e) => tracing::warn!("pending admins: {e}"),
+    }
     // What a killed write left half-done, in troops' own state: nothing writes there now.
     for dir in [layout.state_dir(), layout.node_repo()] {
         for name in fsutil::sweep_temps(&dir) {

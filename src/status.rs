@@ -38,6 +38,8 @@ pub struct Status {
     pub runs_total: BTreeMap<String, u64>,
     /// Seconds between pulls by the timer.
     pub interval: u64,
+    /// Admins the seed named whose accounts do not exist yet.
+    pub pending_admins: Vec<String>,
 }
 
 impl Status {
@@ -125,5 +127,6 @@ pub fn gather(node: &Node) -> Result<Status, RepoError> {
         retry_at,
         runs_total: store.counts(),
         interval: node.settings.interval,
+        pending_admins: crate::admins::pending(layout),
     })
 }

@@ -382,14 +382,14 @@ fn an_init_that_fails_leaves_the_node_and_the_host_as_they_were() {
         &[
             "--remote",
             &format!("origin=file://{}", remote.display()),
-            "--admin",
-            "no-such-user-troops",
+            "--python",
+            "/nonexistent/python3",
         ],
     )
     .failed();
     assert!(
         out.stderr
-            .contains("admin \"no-such-user-troops\": no such user"),
+            .contains("--python /nonexistent/python3: no such file"),
         "{}",
         out.stderr
     );
@@ -858,4 +858,75 @@ fn user_data_is_sniffed_as_cloud_init_sniffs_it() {
         .stderr;
     assert!(err.contains("not supported: a jinja template"), "{err}");
     assert!(!err.contains("without a troops section"), "{err}");
+}
+
+#[test]
+fn an_admin_who_does_not_exist_yet_joins_at_the_first_pull_after_it_exists() {
+    let world = World::new();
+    let remote = world.bare("origin");
+    let up = world.upstream("src");
+    up.write("deploy.py", "print('hi')\n");
+    up.commit("one");
+    up.push(&remote);
+    let user = format!("pend{}", std::process::id());
+    struct Cleanup(String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = Command::new("userdel").args(["-f", &self.0]).status();
+        }
+    }
+    let _cleanup = Cleanup(user.clone());
+    let node = world.node("later-admin");
+    let seed = world.path("seed.yaml");
+    std::fs::write(
+        &seed,
+        format!(
+            "#cloud-config\ntroops:\n  remotes: {{origin: \"file://{}\"}}\n  admins: [{user}]\n",
+            remote.display()
+        ),
+    )
+    .unwrap();
+    // The EC2 path: troops reads the user data before cloud-init has made the user.
+    let out = init(&node, &["--seed", seed.to_str().unwrap()]).ok();
+    assert!(
+        out.stdout.contains(&format!("admin {user}: pending")),
+        "{}",
+        out.stdout
+    );
+    let status = node.troops(&["status"]).ok().stdout;
+    assert!(
+        status.contains(&format!("pending   admin {user}")),
+        "{status}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&node.troops(&["status", "--json"]).ok().stdout).unwrap();
+    assert_eq!(json["pending_admins"], serde_json::json!([user]));
+    node.troops(&["pull"]).ok();
+    assert!(
+        node.troops(&["status"])
+            .ok()
+            .stdout
+            .contains("pending   admin")
+    );
+
+    assert!(
+        Command::new("useradd")
+            .args(["--no-create-home", &user])
+            .status()
+            .unwrap()
+            .success()
+    );
+    node.troops(&["pull"]).ok();
+    let members = Command::new("getent")
+        .args(["group", &node.group])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&members.stdout).contains(&user),
+        "{} was not added",
+        user
+    );
+    let status = node.troops(&["status"]).ok().stdout;
+    assert!(!status.contains("pending   admin"), "{status}");
+    assert!(!node.path("var/lib/troops/pending-admins").exists());
 }

@@ -39,6 +39,11 @@ pub fn run(root: &Path, args: &Args) -> Result<u8> {
         }
     );
     println!("roles     {}", node.settings.roles.join(" "));
+    for a in &status.pending_admins {
+        println!(
+            "pending   admin {a}: no such user yet (added to the admin group by the first pull after it exists)"
+        );
+    }
     for d in damage {
         println!("DAMAGED   {d} (the next pull repairs it from the remotes)");
     }
