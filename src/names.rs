@@ -108,6 +108,14 @@ pub fn check_url(name: &str, url: &str) -> Result<(), NameError> {
     if url.chars().any(|c| c.is_control() || c == ' ') {
         return bad("it contains spaces or control characters");
     }
+    // What a terminal shows reordered (a right-to-left override) or what stood for bytes
+    // that were not UTF-8: the URL shown would not be the URL fetched.
+    if url.chars().any(|c| matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')) {
+        return bad("it contains a bidirectional-text control character");
+    }
+    if url.contains('\u{fffd}') {
+        return bad("it contains U+FFFD, which stands for bytes that were not UTF-8");
+    }
     if url.starts_with('-') {
         return bad("it starts with '-'");
     }

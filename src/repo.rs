@@ -695,12 +695,24 @@ impl Repo {
         Ok(())
     }
 
-    /// Create a bare repository at `path`, which must not exist.
-    pub fn create(path: &Path) -> Result<Repo, RepoError> {
+    /// Create a bare repository at `path`, which must not exist, whose HEAD names `branch`
+    /// (so that a clone of it checks out the node's branch, not a `main` that never exists).
+    pub fn create(path: &Path, branch: &str) -> Result<Repo, RepoError> {
         gix::init_bare(path).map_err(|e| RepoError::Git {
             path: path.to_owned(),
             what: "create a bare repository".into(),
             message: chain(&e),
+        })?;
+        let head = path.join("HEAD");
+        crate::fsutil::write_atomic(
+            &head,
+            format!("ref: refs/heads/{branch}\n").as_bytes(),
+            0o644,
+        )
+        .map_err(|e| RepoError::Git {
+            path: head.clone(),
+            what: "point HEAD at the branch".into(),
+            message: e.to_string(),
         })?;
         Repo::open(path)
     }

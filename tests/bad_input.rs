@@ -53,6 +53,36 @@ fn init_refuses_bad_remotes_names_and_branches_and_writes_nothing() {
             "invalid role name \"web server\"",
         ),
         (&["--branch", "a..b"], "invalid branch name \"a..b\""),
+        (
+            &["--remote", "z=https://git.example.com/\u{202e}tig.evil"],
+            "bidirectional-text control character",
+        ),
+        (
+            &["--remote", "z=https://git.example.com/\u{fffd}.git"],
+            "U+FFFD",
+        ),
+        (
+            &[
+                "--remote",
+                "o=file:///srv/a.git",
+                "--remote",
+                "o=file:///srv/b.git",
+            ],
+            "--remote o=… is given twice",
+        ),
+        (
+            &[
+                "--remote",
+                "o=file:///srv/a.git",
+                "--python",
+                "/nonexistent/python3",
+            ],
+            "--python /nonexistent/python3: no such file",
+        ),
+        (
+            &["--remote", "o=file:///srv/a.git", "--python", "python3"],
+            "--python python3: not an absolute path",
+        ),
     ];
     for (args, expect) in cases {
         let mut all = vec!["init", "--no-pull", "--group", &world.group];
@@ -206,4 +236,46 @@ fn requirements_that_fail_to_install() {
         "requirements.txt failed to install with pip",
         "no-such-package-troops-test",
     );
+}
+
+#[test]
+fn a_seed_url_that_is_not_utf8_is_named_not_mangled() {
+    let world = World::new();
+    let node = world.node("latin1");
+    let seed = world.path("seed.yaml");
+    // A Latin-1 editor's é in the URL: not UTF-8.
+    let mut bytes =
+        b"#cloud-config\ntroops:\n  remotes: {origin: \"https://git.example.com/caf".to_vec();
+    bytes.extend_from_slice(b"\xe9.git\"}\n");
+    std::fs::write(&seed, &bytes).unwrap();
+    let out = node
+        .troops(&[
+            "init",
+            "--no-pull",
+            "--group",
+            &world.group,
+            "--seed",
+            seed.to_str().unwrap(),
+        ])
+        .failed();
+    assert!(out.stderr.contains("not UTF-8 (at byte"), "{}", out.stderr);
+    assert!(!node.root.exists());
+}
+
+#[test]
+fn a_new_nodes_repositories_name_its_branch_as_head() {
+    let world = World::new();
+    let remote = world.bare("origin");
+    let node = world.node("head");
+    node.init(&[("origin", &remote)], &["web"]);
+    for repo in [
+        "var/lib/troops/repo/main.git",
+        "var/lib/troops/repo/node.git",
+    ] {
+        assert_eq!(
+            git(&node.path(repo), &["symbolic-ref", "HEAD"]),
+            "refs/heads/master",
+            "{repo}"
+        );
+    }
 }

@@ -114,6 +114,11 @@ pub fn run(root: &Path, args: &Args, stdout_is_journal: bool) -> Result<u8> {
         .iter()
         .map(|r| names::parse_remote_spec(r))
         .collect::<Result<Vec<_>, _>>()?;
+    for (i, (name, _)) in remotes.iter().enumerate() {
+        if remotes[..i].iter().any(|(n, _)| n == name) {
+            anyhow::bail!("--remote {name}=… is given twice: give each remote once");
+        }
+    }
     let mut flags = init::flags_seed(&remotes, &args.roles, args.branch.as_deref());
     if !args.admins.is_empty() {
         flags.admins = Some(args.admins.clone());
