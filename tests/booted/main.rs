@@ -270,8 +270,8 @@ fn nodes_boot_install_the_package_and_deploy_themselves() {
         let node = lab.node(name);
         let init = node.journal("troops-init.service");
         assert!(
-            init.contains("troops: seed from /var/lib/cloud/instance/user-data.txt"),
-            "{name}: troops-init.service did not take cloud-init's user data:\n{init}\n{}",
+            init.contains("troops: seed from /etc/troops/seed.yaml"),
+            "{name}: troops-init.service did not take the seed cloud-init wrote:\n{init}\n{}",
             node.journal("cloud-final.service")
         );
         assert!(
@@ -284,11 +284,44 @@ fn nodes_boot_install_the_package_and_deploy_themselves() {
                 .any(|g| g == "troops"),
             "{name}: ops is no admin"
         );
+        // The schema-clean seed: cloud-init finds nothing to complain about.
+        let status = node.sh("cloud-init status --wait --long");
+        let text = String::from_utf8_lossy(&status.stdout);
+        assert!(
+            status.status.success() && text.contains("status: done") && !text.contains("degraded"),
+            "{name}: cloud-init status:\n{text}"
+        );
+        let schema = node.sh("cloud-init schema --system 2>&1");
+        assert!(
+            schema.status.success(),
+            "{name}: cloud-init schema --system:\n{}",
+            String::from_utf8_lossy(&schema.stdout)
+        );
         let timer = node.ok("systemctl is-enabled troops-pull.timer; systemctl is-active troops-pull.timer; systemctl cat troops-pull.timer");
         assert!(timer.starts_with("enabled\nactive\n"), "{name}: {timer}");
         assert!(
             timer.contains("OnUnitActiveSec=10s"),
             "{name}: the interval did not reach the timer:\n{timer}"
+        );
+    }
+
+    // Every example passes trixie's cloud-init schema as written (the MIME one is what the
+    // trixie node was seeded with, checked by `schema --system` above).
+    let trixie_node = lab.node("trixie");
+    fs::create_dir_all(trixie_node.path("/var/tmp/examples")).unwrap();
+    for name in ["user-data.yaml", "user-data.json"] {
+        fs::write(
+            trixie_node.path(&format!("/var/tmp/examples/{name}")),
+            example(name),
+        )
+        .unwrap();
+        let out = trixie_node.sh(&format!(
+            "cloud-init schema -c /var/tmp/examples/{name} 2>&1"
+        ));
+        assert!(
+            out.status.success(),
+            "cloud-init schema -c {name}:\n{}",
+            String::from_utf8_lossy(&out.stdout)
         );
     }
 
@@ -324,8 +357,8 @@ fn nodes_boot_install_the_package_and_deploy_themselves() {
     // named by the imds setting (the JSON example).
     let imds_user_data = must_replace(
         &personalise(&example("user-data.json")),
-        "\"roles\": [\"web\"]",
-        "\"roles\": [\"web\", \"imds\"]",
+        "roles: [web]",
+        "roles: [web, imds]",
     );
     lab.boot(NodeSpec {
         name: "imds",
