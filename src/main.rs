@@ -11,6 +11,34 @@ use clap::Parser;
 use cli::{Cli, Command};
 use tracing_subscriber::{EnvFilter, Layer, filter::filter_fn, prelude::*};
 
+/// Log lines as people read them: `troops: …`, `troops: warning: …`, in the style of every
+/// line troops prints itself, with no level column. The journal keeps the level and the
+/// fields (tracing-journald).
+struct Plain;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for Plain
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut w: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let prefix = match *event.metadata().level() {
+            tracing::Level::ERROR => "troops: error: ",
+            tracing::Level::WARN => "troops: warning: ",
+            tracing::Level::INFO => "troops: ",
+            _ => "troops: debug: ",
+        };
+        w.write_str(prefix)?;
+        ctx.field_format().format_fields(w.by_ref(), event)?;
+        writeln!(w)
+    }
+}
+
 /// Whether fd `fd` is the journal's stream (`JOURNAL_STREAM` is its `dev:ino`).
 fn is_journal(fd: i32) -> bool {
     let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
@@ -43,8 +71,7 @@ fn init_logging(verbose: u8) {
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .with_ansi(std::io::stderr().is_terminal())
-            .with_target(false)
-            .without_time()
+            .event_format(Plain)
             .with_filter(filter_fn(|m| m.target() != "troops::output"))
     });
     tracing_subscriber::registry()

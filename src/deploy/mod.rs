@@ -220,7 +220,10 @@ fn run_steps(
     }
     let (checkout, made, cleaner) = worktree::materialise(repo, commit, &node.layout.work())?;
     if let worktree::Made::Updated { changed, removed } = made {
-        let mut line = format!("updated the last checkout in place ({changed} files changed");
+        let mut line = format!(
+            "updated the last checkout in place ({changed} file{} changed",
+            if changed == 1 { "" } else { "s" }
+        );
         if removed > 0 {
             line.push_str(&format!(", {removed} left by the last run removed"));
         }
