@@ -930,3 +930,57 @@ fn an_admin_who_does_not_exist_yet_joins_at_the_first_pull_after_it_exists() {
     assert!(!status.contains("pending   admin"), "{status}");
     assert!(!node.path("var/lib/troops/pending-admins").exists());
 }
+
+#[test]
+fn the_seed_file_on_the_node_is_read_only_as_root_wrote_it() {
+    let world = World::new();
+    let remote = world.bare("origin");
+    let r = remote.display().to_string();
+    let seed_text = format!("remotes: {{origin: \"file://{r}\"}}\nroles: [web, cache]\n");
+    let write = |node: &Node, text: &str, mode: u32| {
+        std::fs::create_dir_all(node.path("etc/troops")).unwrap();
+        let p = node.path("etc/troops/seed.yaml");
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+
+    // Writable by others: whoever wrote it could choose what root fetches and runs.
+    let node = world.node("seed-0666");
+    write(&node, &seed_text, 0o666);
+    let err = init(&node, &[]).failed().stderr;
+    assert!(err.contains("only root may write it"), "{err}");
+    assert!(!node.path("var/lib/troops").exists());
+
+    // A symlink to a file someone else controls.
+    let node = world.node("seed-link");
+    std::fs::create_dir_all(node.path("etc/troops")).unwrap();
+    let elsewhere = world.path("elsewhere.yaml");
+    std::fs::write(&elsewhere, &seed_text).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, node.path("etc/troops/seed.yaml")).unwrap();
+    let err = init(&node, &[]).failed().stderr;
+    assert!(err.contains("is a symlink"), "{err}");
+
+    // Left from the image: it disagrees with this instance's user data, and says so.
+    let node = world.node("seed-stale");
+    write(&node, "remotes: {origin: \"file:///srv/old.git\"}\n", 0o600);
+    std::fs::create_dir_all(node.path("var/lib/cloud/instance")).unwrap();
+    std::fs::write(
+        node.path("var/lib/cloud/instance/user-data.txt"),
+        write_files_seed(&r),
+    )
+    .unwrap();
+    let err = init(&node, &[]).failed().stderr;
+    assert!(err.contains("differs from the troops seed"), "{err}");
+
+    // Empty (a write_files entry without content): no seed there, the search goes on.
+    let node = world.node("seed-empty");
+    write(&node, "# nothing yet\n", 0o600);
+    std::fs::create_dir_all(node.path("var/lib/cloud/seed/nocloud")).unwrap();
+    std::fs::write(
+        node.path("var/lib/cloud/seed/nocloud/user-data"),
+        cloud_config(&r),
+    )
+    .unwrap();
+    init(&node, &[]).ok();
+    assert_seeded(&node, &r);
+}

@@ -8,6 +8,7 @@
 //! without one. 404 means no user data; 5xx, 429 and timeouts are retried (honouring
 //! `Retry-After`) until one overall deadline, with a status line every 10 s meanwhile.
 
+use std::io::Read;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
@@ -27,6 +28,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const STATUS_EVERY: Duration = Duration::from_secs(10);
+/// The most user data read (as for gzip-expanded user data).
+const MAX_USER_DATA: u64 = 16 << 20;
 
 #[derive(Debug, Error)]
 pub enum ImdsError {
@@ -44,6 +47,8 @@ pub enum ImdsError {
         "EC2 IMDS at {url} refused {tokens} fresh tokens in a row (HTTP 401 on GET /latest/user-data)"
     )]
     TokenRefused { url: String, tokens: u32 },
+    #[error("EC2 IMDS at {url}: the user data is larger than {limit} bytes")]
+    TooLarge { url: String, limit: u64 },
     #[error(
         "EC2 IMDS at {url}: IMDSv2 token request timed out: hop limit too low for this network namespace? (GETs are answered, PUT /latest/api/token is not; raise the instance's http-put-response-hop-limit)"
     )]
@@ -160,10 +165,20 @@ impl Imds {
             Err(e) => return Step::Retry(Duration::ZERO, format!("GET {url}: {}", cause(&e))),
         };
         match resp.status() {
-            StatusCode::OK => match resp.bytes() {
-                Ok(b) => Step::Done(Ok(UserData::Found(b.to_vec()))),
-                Err(e) => Step::Retry(Duration::ZERO, format!("GET {url}: {}", cause(&e))),
-            },
+            StatusCode::OK => {
+                // EC2 caps user data at 16 KiB: a body a thousand times that is not it.
+                let mut body = Vec::new();
+                match resp.take(MAX_USER_DATA + 1).read_to_end(&mut body) {
+                    Ok(_) if body.len() as u64 > MAX_USER_DATA => {
+                        Step::Done(Err(ImdsError::TooLarge {
+                            url,
+                            limit: MAX_USER_DATA,
+                        }))
+                    }
+                    Ok(_) => Step::Done(Ok(UserData::Found(body))),
+                    Err(e) => Step::Retry(Duration::ZERO, format!("GET {url}: {e}")),
+                }
+            }
             StatusCode::NOT_FOUND => Step::Done(Ok(UserData::Absent)),
             StatusCode::FORBIDDEN => Step::Done(Ok(UserData::Refused(
                 "access to instance metadata is turned off: HTTP 403 on GET /latest/user-data"
@@ -183,10 +198,10 @@ impl Imds {
 
     /// Whether IMDS answers a GET at all: when the token PUT times out but this does, the
     /// PUT's answer is what gets lost (EC2 sends it with the hop limit as its TTL).
-    fn answers_get(&self, client: &Client) -> bool {
+    fn answers_get(&self, client: &Client, timeout: Duration) -> bool {
         client
             .get(format!("{}/latest/meta-data/", self.base))
-            .timeout(REQUEST_TIMEOUT)
+            .timeout(timeout)
             .send()
             .is_ok()
     }
@@ -222,19 +237,27 @@ impl Imds {
             attempt += 1;
             let step = match &token {
                 None => {
-                    tokens += 1;
                     let step = self.token(&client, timeout);
                     match &step {
-                        Step::Retry(_, why) if why.ends_with("timed out") => {
+                        // Only a full timeout counts: one cut short by the deadline says
+                        // nothing about the network.
+                        Step::Retry(_, why)
+                            if why.ends_with("timed out") && timeout == REQUEST_TIMEOUT =>
+                        {
                             put_timeouts += 1;
                             // Twice, so that one slow answer is not taken for a network
-                            // that drops them all.
-                            if put_timeouts >= 2 && self.answers_get(&client) {
+                            // that drops them all; the probe once, within the deadline.
+                            let left = self.deadline.saturating_sub(start.elapsed());
+                            if put_timeouts == 2
+                                && !left.is_zero()
+                                && self.answers_get(&client, left.min(REQUEST_TIMEOUT))
+                            {
                                 return Err(ImdsError::HopLimit {
                                     url: self.base.clone(),
                                 });
                             }
                         }
+                        Step::Retry(..) => {}
                         _ => put_timeouts = 0,
                     }
                     step
@@ -243,6 +266,7 @@ impl Imds {
             };
             match step {
                 Step::Token(t) => {
+                    tokens += 1;
                     token = Some(t);
                     continue;
                 }

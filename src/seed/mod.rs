@@ -260,6 +260,59 @@ fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, SeedError> {
     }
 }
 
+/// A file only root may have written: it says which remotes root fetches and runs code
+/// from. Not a symlink, a regular file owned by root that no one else may write, in a
+/// directory no one else may write.
+fn read_root_only(path: &Path) -> Result<Option<Vec<u8>>, SeedError> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let refuse = |message: String| SeedError::Read {
+        origin: path.display().to_string(),
+        message,
+    };
+    let mut file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(refuse(
+                "is a symlink; troops reads the seed only from a file root wrote".into(),
+            ));
+        }
+        Err(e) => return Err(refuse(e.to_string())),
+    };
+    let meta = file.metadata().map_err(|e| refuse(e.to_string()))?;
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let dir_meta = std::fs::symlink_metadata(dir).map_err(|e| refuse(e.to_string()))?;
+    for (what, m) in [("it", &meta), ("its directory", &dir_meta)] {
+        if m.uid() != 0 || m.mode() & 0o022 != 0 {
+            return Err(refuse(format!(
+                "{what} is owned by uid {} with mode {:o}: a seed says what root runs, so only root may write it (chown root, chmod go-w)",
+                m.uid(),
+                m.mode() & 0o7777
+            )));
+        }
+    }
+    if !meta.is_file() {
+        return Err(refuse("is not a regular file".into()));
+    }
+    let mut out = Vec::new();
+    file.by_ref()
+        .take(MAX_SEED_FILE + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| refuse(e.to_string()))?;
+    if out.len() as u64 > MAX_SEED_FILE {
+        return Err(refuse(format!("is larger than {MAX_SEED_FILE} bytes")));
+    }
+    Ok(Some(out))
+}
+
+/// A seed is a few lines; a bigger file is not one.
+const MAX_SEED_FILE: u64 = 1 << 20;
+
 fn from_userdata(bytes: &[u8], origin: String) -> Result<Found, SeedError> {
     Ok(match userdata::parse(bytes, &origin)? {
         userdata::Section::Found(seed) => Found::Seed { seed, origin },
@@ -308,13 +361,29 @@ impl SourceKind {
             SourceKind::SeedFile => {
                 let path = root.join(userdata::SEED_FILE.trim_start_matches('/'));
                 let origin = path.display().to_string();
-                match read_optional(&path)? {
-                    Some(b) => Ok(Found::Seed {
-                        seed: userdata::parse_seed_file(&b, &origin)?,
+                let Some(bytes) = read_root_only(&path)? else {
+                    return Ok(Found::Nothing(origin));
+                };
+                let Some(seed) = userdata::parse_seed_file(&bytes, &origin)? else {
+                    return Ok(Found::NoSection(origin));
+                };
+                // A file left from the image's build (cloud-init clean keeps it) must not
+                // quietly outrank this instance's own user data.
+                let copy = root.join(CLOUD_INIT_COPY);
+                if let Some(b) = read_optional(&copy)?
+                    && let Ok(userdata::Section::Found(theirs)) =
+                        userdata::parse(&b, &copy.display().to_string())
+                    && theirs != seed
+                {
+                    return Err(SeedError::Malformed {
                         origin,
-                    }),
-                    None => Ok(Found::Nothing(origin)),
+                        message: format!(
+                            "differs from the troops seed in this instance's user data ({}): left from an earlier instance or image? Remove the one that is wrong",
+                            copy.display()
+                        ),
+                    });
                 }
+                Ok(Found::Seed { seed, origin })
             }
             SourceKind::CloudInit => {
                 let path = root.join(CLOUD_INIT_COPY);

@@ -59,8 +59,11 @@ enum Loose {
     Map(Vec<(Loose, Loose)>),
 }
 
-impl<'de> Deserialize<'de> for Loose {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Loose, D::Error> {
+/// One node as YAML gives it, before its tag is looked at.
+struct Untagged(Loose);
+
+impl<'de> Deserialize<'de> for Untagged {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Untagged, D::Error> {
         struct V;
         impl<'de> Visitor<'de> for V {
             type Value = Loose;
@@ -130,8 +133,58 @@ impl<'de> Deserialize<'de> for Loose {
                 v.newtype_variant()
             }
         }
-        d.deserialize_any(V)
+        d.deserialize_any(V).map(Untagged)
     }
+}
+
+impl<'de> Deserialize<'de> for Loose {
+    /// Through serde-saphyr's tag wrapper (`Tagged<T>`'s protocol: the node, then its tag),
+    /// so that `!!binary` becomes the bytes PyYAML would give, not base64 text.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Loose, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Loose;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a YAML node and its tag")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Loose, A::Error> {
+                let Untagged(node) = a
+                    .next_element()?
+                    .ok_or_else(|| de::Error::custom("a tagged node without its value"))?;
+                let tag: Option<String> = a.next_element::<String>()?;
+                let binary = tag
+                    .as_deref()
+                    .is_some_and(|t| t == "!!binary" || t == "tag:yaml.org,2002:binary");
+                Ok(match node {
+                    Loose::Str(text) if binary => python_b64decode(text.as_bytes())
+                        .map(Loose::Bytes)
+                        .map_err(|e| de::Error::custom(format!("!!binary: {e}")))?,
+                    other => other,
+                })
+            }
+        }
+        d.deserialize_newtype_struct("__yaml_tagged", V)
+    }
+}
+
+/// base64 as Python's `b64decode` reads it (cloud-init's decoder): characters outside the
+/// alphabet are dropped, and stray low bits in the last character are allowed.
+fn python_b64decode(text: &[u8]) -> Result<Vec<u8>, String> {
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    const LENIENT: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        GeneralPurposeConfig::new()
+            .with_decode_allow_trailing_bits(true)
+            .with_decode_padding_mode(DecodePaddingMode::RequireCanonical),
+    );
+    let clean: Vec<u8> = text
+        .iter()
+        .copied()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'='))
+        .collect();
+    LENIENT
+        .decode(clean)
+        .map_err(|e| format!("not base64: {e}"))
 }
 
 impl Loose {
@@ -180,7 +233,11 @@ impl Loose {
                     let Loose::Str(k) = k else {
                         return Err(format!("{k:?} is not a key troops takes (keys are names)"));
                     };
-                    out.insert(k.clone(), v.to_json()?);
+                    // Strict inside the section: a key given twice is a mistake to name,
+                    // not one to resolve silently.
+                    if out.insert(k.clone(), v.to_json()?).is_some() {
+                        return Err(format!("{k:?} is given twice"));
+                    }
                 }
                 Value::Object(out)
             }
@@ -193,12 +250,16 @@ fn read_yaml(text: &str) -> Result<Loose, String> {
     let read = || {
         let mut budget = serde_saphyr::Budget::default();
         budget.max_depth = MAX_DEPTH;
+        // PyYAML has no such heuristic: a config that uses one anchor a hundred times is
+        // fine there. Replayed aliases still count against the node and byte budgets.
+        budget.enforce_alias_anchor_ratio = false;
         let opts = serde_saphyr::options! {
             budget: Some(budget),
-            duplicate_keys: serde_saphyr::options::DuplicateKeyPolicy::LastWins,
+            // Every entry reaches `Loose::Map`: the last wins outside the troops section,
+            // as in PyYAML, and a repeated key inside it is named.
+            duplicate_keys: serde_saphyr::options::DuplicateKeyPolicy::PassThrough,
             non_finite_float_policy: serde_saphyr::options::NonFiniteFloatPolicy::PassThrough,
-            // `!!binary` holding gzip bytes (cloud-init's own write_files example) is read as
-            // its base64 text; `seed_in_write_files` decodes it.
+            // `!!binary` arrives as its base64 text with its tag; `Loose` decodes it.
             ignore_binary_tag_for_string: true,
         };
         serde_saphyr::from_str_with_options::<Loose>(text, opts)
@@ -240,80 +301,106 @@ fn seed_from(node: &Loose, origin: &str, at: &str) -> Result<Seed, SeedError> {
 }
 
 /// The schema-clean seed file's text (`/etc/troops/seed.yaml`): the troops section's keys
-/// at the top level.
-pub fn parse_seed_file(bytes: &[u8], origin: &str) -> Result<Seed, SeedError> {
+/// at the top level. `None` when it is empty (or only comments).
+pub fn parse_seed_file(bytes: &[u8], origin: &str) -> Result<Option<Seed>, SeedError> {
     let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes);
     let text = std::str::from_utf8(bytes)
         .map_err(|e| malformed(origin, format!("not UTF-8 (at byte {})", e.valid_up_to())))?;
     match read_yaml(text).map_err(|m| malformed(origin, m))? {
-        Loose::Null => Ok(Seed::default()),
-        node => seed_from(&node, origin, "seed"),
+        Loose::Null => Ok(None),
+        node => seed_from(&node, origin, "seed").map(Some),
     }
 }
 
-/// The `write_files` entry for the seed file, decoded as cloud-init would write it.
+/// A write_files path as cloud-init resolves it (`os.path.abspath`, from `/`), with a
+/// leading `//` read as `/`, as Linux does.
+fn normalise_path(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for p in path.split('/') {
+        match p {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
+/// The seed file's bytes as cloud-init's write_files would leave them: entries for its
+/// path in order (those with `defer: true` after the rest, as cloud-init writes them
+/// later), `append` adding to what is there, each decoded as `extract_contents` does.
 fn seed_in_write_files(write_files: &Loose, origin: &str) -> Result<Option<Seed>, SeedError> {
     let Loose::Seq(entries) = write_files else {
         return Ok(None);
     };
-    let Some(entry) = entries
-        .iter()
-        .rev()
-        .find(|e| e.get("path").and_then(Loose::as_str).map(str::trim) == Some(SEED_FILE))
-    else {
-        return Ok(None);
-    };
     let at = format!("write_files {SEED_FILE}");
     let bad = |m: String| malformed(origin, format!("{at}: {m}"));
-    if entry.get("source").is_some() {
-        return Err(bad(
-            "`source` (a URL to fetch) is not supported: give the seed as `content`".into(),
-        ));
+    let ours: Vec<&Loose> = entries
+        .iter()
+        .filter(|e| {
+            e.get("path")
+                .and_then(Loose::as_str)
+                .map(normalise_path)
+                .as_deref()
+                == Some(SEED_FILE)
+        })
+        .collect();
+    if ours.is_empty() {
+        return Ok(None);
     }
-    let raw = match entry.get("content") {
-        None | Some(Loose::Null) => Vec::new(),
-        Some(Loose::Str(s)) => s.clone().into_bytes(),
-        Some(Loose::Bytes(b)) => b.clone(),
-        Some(_) => return Err(bad("content is not text".into())),
-    };
-    let encoding = entry
-        .get("encoding")
-        .and_then(Loose::as_str)
-        .unwrap_or("text/plain")
-        .trim()
-        .to_ascii_lowercase();
-    let b64 = |b: &[u8]| {
-        let clean: Vec<u8> = b
-            .iter()
-            .copied()
-            .filter(|c| !c.is_ascii_whitespace())
-            .collect();
-        base64::engine::general_purpose::STANDARD
-            .decode(clean)
-            .map_err(|e| bad(format!("content is not base64: {e}")))
-    };
-    let gunzip = |b: &[u8]| {
-        let mut out = Vec::new();
-        flate2::read::MultiGzDecoder::new(b)
-            .take(MAX_SIZE)
-            .read_to_end(&mut out)
-            .map_err(|e| bad(format!("content is not gzip data: {e}")))?;
-        Ok::<_, SeedError>(out)
-    };
-    let content = match encoding.as_str() {
-        "text/plain" => raw,
-        "b64" | "base64" => b64(&raw)?,
-        // `content: !!binary |` arrives as the base64 text of the gzip bytes.
-        "gz" | "gzip" if !raw.starts_with(&[0x1f, 0x8b]) => gunzip(&b64(&raw)?)?,
-        "gz" | "gzip" => gunzip(&raw)?,
-        "gz+b64" | "gz+base64" | "gzip+b64" | "gzip+base64" => gunzip(&b64(&raw)?)?,
-        other => {
-            return Err(bad(format!(
-                "encoding {other:?} is not one cloud-init knows"
-            )));
+    let deferred = |e: &Loose| matches!(e.get("defer"), Some(Loose::Bool(true)));
+    let mut file: Vec<u8> = Vec::new();
+    for entry in ours
+        .iter()
+        .filter(|e| !deferred(e))
+        .chain(ours.iter().filter(|e| deferred(e)))
+    {
+        if entry.get("source").is_some() {
+            return Err(bad(
+                "`source` (a URL to fetch) is not supported: give the seed as `content`".into(),
+            ));
         }
-    };
-    parse_seed_file(&content, &format!("{origin} ({at})")).map(Some)
+        let raw = match entry.get("content") {
+            None | Some(Loose::Null) => Vec::new(),
+            Some(Loose::Str(s)) => s.clone().into_bytes(),
+            Some(Loose::Bytes(b)) => b.clone(),
+            Some(_) => return Err(bad("content is not text".into())),
+        };
+        let encoding = entry
+            .get("encoding")
+            .and_then(Loose::as_str)
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        let gunzip = |b: &[u8]| {
+            let mut out = Vec::new();
+            flate2::read::MultiGzDecoder::new(b)
+                .take(MAX_SIZE)
+                .read_to_end(&mut out)
+                .map_err(|e| bad(format!("content is not gzip data: {e}")))?;
+            Ok::<_, SeedError>(out)
+        };
+        let b64 = |b: &[u8]| python_b64decode(b).map_err(|e| bad(format!("content is {e}")));
+        let content = match encoding.as_str() {
+            "gz" | "gzip" => gunzip(&raw)?,
+            "gz+b64" | "gz+base64" | "gzip+b64" | "gzip+base64" => gunzip(&b64(&raw)?)?,
+            "b64" | "base64" => b64(&raw)?,
+            "" | "text/plain" => raw,
+            other => {
+                // cloud-init warns and writes it as text: so does troops.
+                tracing::warn!("{origin}: {at}: unknown encoding {other:?}, read as text/plain");
+                raw
+            }
+        };
+        let append = matches!(entry.get("append"), Some(Loose::Bool(true)));
+        if !append {
+            file.clear();
+        }
+        file.extend_from_slice(&content);
+    }
+    parse_seed_file(&file, &format!("{origin} ({at})"))
 }
 
 /// The troops section of a `#cloud-config` document.
@@ -370,12 +457,16 @@ fn json(text: &str, origin: &str) -> Result<Section, SeedError> {
 enum Kind {
     CloudConfig,
     Archive,
+    /// A bare JSON object at the top level: cloud-init ignores it, troops has always read it.
     Json,
     Unsupported(&'static str),
     NotOurs,
 }
 
-fn sniff(text: &str) -> Kind {
+const INCLUDE: &str = "#include (troops does not fetch the URLs it lists)";
+
+/// The kind cloud-init's `type_from_starts_with` finds, `None` for text it does not know.
+fn sniff(text: &str) -> Option<Kind> {
     let head: String = text
         .trim_start()
         .chars()
@@ -397,37 +488,47 @@ fn sniff(text: &str) -> Kind {
             "#include-once",
             Kind::Unsupported("#include-once (troops does not fetch the URLs it lists)"),
         ),
-        (
-            "#include",
-            Kind::Unsupported("#include (troops does not fetch the URLs it lists)"),
-        ),
+        ("#include", Kind::Unsupported(INCLUDE)),
         ("#part-handler", Kind::Unsupported("#part-handler")),
-        ("{", Kind::Json),
+        ("#cloud-boothook", Kind::NotOurs),
         ("#!", Kind::NotOurs),
     ];
-    for (prefix, kind) in PREFIXES {
-        if head.starts_with(prefix) {
-            return kind;
-        }
-    }
-    Kind::NotOurs
+    PREFIXES
+        .into_iter()
+        .find(|(prefix, _)| head.starts_with(prefix))
+        .map(|(_, kind)| kind)
 }
 
-/// A MIME part's kind from its Content-Type; untyped text is sniffed as cloud-init does.
+/// cloud-init decompresses a MIME part of these types, then looks at what it holds.
+const GZIP_TYPES: [&str; 8] = [
+    "application/gzip",
+    "application/gzip-compressed",
+    "application/gzipped",
+    "application/x-compress",
+    "application/x-compressed",
+    "application/x-gunzip",
+    "application/x-gzip",
+    "application/x-gzip-compressed",
+];
+
+/// A declared type's kind. cloud-init looks again at what a part holds only when its type
+/// says little (`text/plain`, `text/x-not-multipart`) or is a shell script (which may be a
+/// cloud-config under the wrong label); a declared type is otherwise taken as it is.
 fn kind_of_type(ctype: &str, body: &str) -> Kind {
     match ctype.trim().to_ascii_lowercase().as_str() {
+        "text/plain" | "text/x-not-multipart" | "text/x-shellscript" => {
+            sniff(body).unwrap_or(Kind::NotOurs)
+        }
         "text/cloud-config" => match sniff(body) {
-            k @ Kind::Unsupported(_) => k,
+            Some(k @ Kind::Unsupported(_)) => k,
             _ => Kind::CloudConfig,
         },
         "text/cloud-config-archive" => Kind::Archive,
         "text/cloud-config-jsonp" => Kind::Unsupported("text/cloud-config-jsonp"),
-        "text/x-include-url" | "text/x-include-once-url" => {
-            Kind::Unsupported("#include (troops does not fetch the URLs it lists)")
-        }
+        "text/x-include-url" => Kind::Unsupported(INCLUDE),
+        "text/x-include-once-url" => Kind::Unsupported(INCLUDE),
         "text/part-handler" => Kind::Unsupported("#part-handler"),
         "text/jinja2" => Kind::Unsupported("a jinja template (text/jinja2)"),
-        "" | "text/plain" | "text/x-not-multipart" | "application/octet-stream" => sniff(body),
         _ => Kind::NotOurs,
     }
 }
@@ -468,57 +569,54 @@ impl Parts<'_> {
 
 /// The troops section in `bytes`.
 pub fn parse(bytes: &[u8], origin: &str) -> Result<Section, SeedError> {
-    parse_depth(bytes, origin, None, 0)
-}
-
-fn check_depth(origin: &str, depth: u32) -> Result<(), SeedError> {
-    match depth > 4 {
-        true => Err(malformed(
-            origin,
-            "user data nested too deeply (gzip, MIME or archives inside each other)",
-        )),
-        false => Ok(()),
-    }
-}
-
-/// `ctype`: the Content-Type of the MIME part (or archive entry) these bytes came in.
-fn parse_depth(
-    bytes: &[u8],
-    origin: &str,
-    ctype: Option<&str>,
-    depth: u32,
-) -> Result<Section, SeedError> {
-    check_depth(origin, depth)?;
-    if bytes.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::MultiGzDecoder::new(bytes)
-            .take(MAX_SIZE + 1)
-            .read_to_end(&mut out)
-            .map_err(|e| malformed(origin, format!("bad gzip data: {e}")))?;
-        if out.len() as u64 > MAX_SIZE {
-            return Err(malformed(
-                origin,
-                format!("gzip data expands beyond {MAX_SIZE} bytes"),
-            ));
-        }
-        return parse_depth(&out, origin, None, depth + 1);
-    }
-    // Editors put a byte-order mark in front; cloud-init's reader drops it.
+    // cloud-init decompresses the whole of the user data once, before anything else.
+    let unzipped;
+    let bytes = if bytes.starts_with(&[0x1f, 0x8b]) {
+        unzipped = gunzip_capped(bytes).map_err(|m| malformed(origin, m))?;
+        &unzipped[..]
+    } else {
+        bytes
+    };
+    // Editors put a byte-order mark in front of what they save.
     let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes);
-    if ctype.is_none() && is_mime(bytes) {
-        return parse_mime(bytes, origin, depth);
+    if is_mime(bytes) {
+        return parse_mime(bytes, origin);
     }
     let lossy = String::from_utf8_lossy(bytes);
-    let kind = match ctype {
-        Some(t) => kind_of_type(t, &lossy),
-        None => sniff(&lossy),
+    let kind = match lossy.trim_start().starts_with('{') {
+        true => Kind::Json,
+        false => sniff(&lossy).unwrap_or(Kind::NotOurs),
     };
-    if kind == Kind::NotOurs {
-        return Ok(Section::Absent(None));
+    read_as(bytes, kind, origin, 0)
+}
+
+fn gunzip_capped(bytes: &[u8]) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    flate2::read::MultiGzDecoder::new(bytes)
+        .take(MAX_SIZE + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("bad gzip data: {e}"))?;
+    if out.len() as u64 > MAX_SIZE {
+        return Err(format!("gzip data expands beyond {MAX_SIZE} bytes"));
     }
-    if let Kind::Unsupported(what) = kind {
-        return Ok(Section::Absent(Some(format!("not supported: {what}"))));
+    Ok(out)
+}
+
+/// `bytes` read as `kind` says.
+fn read_as(bytes: &[u8], kind: Kind, origin: &str, depth: u32) -> Result<Section, SeedError> {
+    if depth > 4 {
+        return Err(malformed(
+            origin,
+            "user data nested too deeply (archives inside each other)",
+        ));
     }
+    let kind = match kind {
+        Kind::NotOurs => return Ok(Section::Absent(None)),
+        Kind::Unsupported(what) => {
+            return Ok(Section::Absent(Some(format!("not supported: {what}"))));
+        }
+        k => k,
+    };
     let text = match std::str::from_utf8(bytes) {
         Ok(t) => t,
         Err(e) => {
@@ -532,15 +630,32 @@ fn parse_depth(
         Kind::CloudConfig => cloud_config(text, origin),
         Kind::Json => json(text, origin),
         Kind::Archive => archive(text, origin, depth),
-        Kind::Unsupported(_) | Kind::NotOurs => unreachable!("returned above"),
+        Kind::Unsupported(_) | Kind::NotOurs => Ok(Section::Absent(None)),
     }
 }
 
-/// Whether cloud-init would read this as MIME: `mime-version:` in its first 4096 bytes, or
-/// (as troops always has) a `Content-Type:` header first.
+/// Whether cloud-init would read this as MIME: `mime-version:` in its first 4096 bytes
+/// and headers where Python's email parser looks for them (after an optional mbox `From `
+/// line, a line `Name: …`); or, as troops always has, a `Content-Type:` header first.
 fn is_mime(bytes: &[u8]) -> bool {
     let head = String::from_utf8_lossy(&bytes[..bytes.len().min(MIME_SNIFF)]).to_ascii_lowercase();
-    head.contains("mime-version:") || head.trim_start().starts_with("content-type:")
+    if head.trim_start().starts_with("content-type:") {
+        return true;
+    }
+    if !head.contains("mime-version:") {
+        return false;
+    }
+    let mut lines = head.lines();
+    let mut first = lines.next().unwrap_or("");
+    if first.starts_with("from ") {
+        first = lines.next().unwrap_or("");
+    }
+    // Python's feedparser: `^(From |[\041-\071\073-\176]*:|[\t ])`.
+    let name_then_colon = first.split_once(':').is_some_and(|(name, _)| {
+        name.bytes()
+            .all(|b| (0x21..=0x7e).contains(&b) && b != b':')
+    });
+    name_then_colon || first.starts_with([' ', '\t'])
 }
 
 /// A `#cloud-config-archive`: a YAML list of parts, each its content as a string or a
@@ -574,15 +689,19 @@ fn archive(text: &str, origin: &str, depth: u32) -> Result<Section, SeedError> {
             .and_then(Loose::as_str)
             .map_or_else(|| format!("part {}", i + 1), str::to_owned);
         let part_origin = format!("{origin} ({name})");
+        let kind = match ctype {
+            Some(t) => kind_of_type(t, content),
+            None => sniff(content).unwrap_or(Kind::CloudConfig),
+        };
         parts.add(
             name,
-            parse_depth(content.as_bytes(), &part_origin, ctype, depth + 1)?,
+            read_as(content.as_bytes(), kind, &part_origin, depth + 1)?,
         )?;
     }
     Ok(parts.done())
 }
 
-fn parse_mime(bytes: &[u8], origin: &str, depth: u32) -> Result<Section, SeedError> {
+fn parse_mime(bytes: &[u8], origin: &str) -> Result<Section, SeedError> {
     // An mbox `From ` line before the headers, as Python's email module allows.
     let bytes = match bytes.starts_with(b"From ") {
         true => bytes
@@ -617,10 +736,20 @@ fn parse_mime(bytes: &[u8], origin: &str, depth: u32) -> Result<Section, SeedErr
         let body = part
             .get_body_raw()
             .map_err(|e| malformed(&part_origin, format!("invalid MIME part: {e}")))?;
-        // mailparse answers text/plain for a part without a Content-Type: cloud-init sniffs
-        // those, as it does text/plain.
-        let ctype = part.ctype.mimetype.clone();
-        let section = parse_depth(&body, &part_origin, Some(&ctype), depth + 1)?;
+        // mailparse answers text/plain for a part without a Content-Type, as Python does.
+        let ctype = part.ctype.mimetype.to_ascii_lowercase();
+        let section = if GZIP_TYPES.contains(&ctype.as_str()) {
+            match gunzip_capped(&body) {
+                Ok(b) => {
+                    let kind = sniff(&String::from_utf8_lossy(&b)).unwrap_or(Kind::NotOurs);
+                    read_as(&b, kind, &part_origin, 1)?
+                }
+                Err(m) => Section::Absent(Some(format!("unreadable: {m}"))),
+            }
+        } else {
+            let kind = kind_of_type(&ctype, &String::from_utf8_lossy(&body));
+            read_as(&body, kind, &part_origin, 1)?
+        };
         parts.add(name, section)?;
     }
     Ok(parts.done())
@@ -736,6 +865,39 @@ mod tests {
             "#cloud-config\nwrite_files:\n- path: /etc/troops/seed.yaml\n  encoding: gzip\n  content: !!binary |\n    {gzb64}\n"
         );
         assert_eq!(found(binary.as_bytes()).branch.as_deref(), Some("prod"));
+        // !!binary with no encoding: the decoded bytes, as cloud-init writes them.
+        let tagged = format!(
+            "#cloud-config\nwrite_files:\n- path: /etc/troops/seed.yaml\n  content: !!binary |\n    {b64}\n"
+        );
+        assert_eq!(found(tagged.as_bytes()).branch.as_deref(), Some("prod"));
+        // Paths as cloud-init resolves them; append adds; an empty file is no seed.
+        for path in [
+            "//etc/troops/seed.yaml",
+            "/etc/troops/./seed.yaml",
+            "/etc/x/../troops/seed.yaml",
+            "etc/troops/seed.yaml",
+        ] {
+            let doc =
+                format!("#cloud-config\nwrite_files:\n- path: {path}\n  content: 'branch: prod'\n");
+            assert_eq!(
+                found(doc.as_bytes()).branch.as_deref(),
+                Some("prod"),
+                "{path}"
+            );
+        }
+        let appended = "#cloud-config\nwrite_files:\n- path: /etc/troops/seed.yaml\n  content: \"branch: prod\\n\"\n- path: /etc/troops/seed.yaml\n  append: true\n  content: \"roles: [web]\\n\"\n";
+        let seed = found(appended.as_bytes());
+        assert_eq!(
+            (seed.branch.as_deref(), seed.roles),
+            (Some("prod"), Some(vec!["web".into()]))
+        );
+        assert_eq!(
+            absent(b"#cloud-config\nwrite_files:\n- path: /etc/troops/seed.yaml\n"),
+            None
+        );
+        // An encoding cloud-init does not know is text to it, and to troops.
+        let odd = "#cloud-config\nwrite_files:\n- path: /etc/troops/seed.yaml\n  encoding: utf-8\n  content: 'branch: prod'\n";
+        assert_eq!(found(odd.as_bytes()).branch.as_deref(), Some("prod"));
         // Strict inside: an unknown key in the seed file is named.
         let e = parse(b"#cloud-config\nwrite_files:\n- path: /etc/troops/seed.yaml\n  content: 'remotez: {}'\n", "u")
             .unwrap_err()
@@ -772,6 +934,7 @@ mod tests {
             "a: .inf\nb: .nan\nc: -.Inf\n",
             "a: !Ref foo\nb: !!python/object:x {}\nc: !!set {a, b}\nd: !!omap [{a: 1}]\n",
             "a: &x {k: 1}\nb: *x\nc: {<<: *x, d: 2}\n",
+            &format!("x: &v 1\ny: [{}]\n", vec!["*v"; 150].join(", ")),
             "a: 2001-12-14t21:59:43.10-05:00\nb: 0o17\nc: 0x1F\nd: 1_000\ne: yes\n",
             &deep,
         ];
@@ -848,12 +1011,41 @@ mod tests {
             SECTION.replace('\n', "\n    ")
         );
         assert_eq!(found(archive.as_bytes()).roles, Some(vec!["web".into()]));
+        // An entry with no type and no header is a cloud-config, as cloud-init defaults it.
+        let untyped = format!(
+            "#cloud-config-archive\n- content: |\n    {}\n",
+            SECTION.replace('\n', "\n    ")
+        );
+        found(untyped.as_bytes());
+        let bare = format!("#cloud-config-archive\n- {:?}\n", SECTION);
+        found(bare.as_bytes());
         // A part's type comes from its Content-Type: no `#cloud-config` line needed.
         let m = mime(&[("text/cloud-config", SECTION)]);
         found(m.as_bytes());
-        // ... and a shell script that happens to start with #cloud-config is not one.
+        // cloud-init looks again at a shell script part: one that starts with
+        // #cloud-config is a cloud-config.
         let m = mime(&[("text/x-shellscript", YAML)]);
-        assert_eq!(absent(m.as_bytes()), None);
+        found(m.as_bytes());
+        // A part cloud-init would not read as a cloud-config carries no seed, even gzipped,
+        // even as text/plain JSON.
+        let b64gz = base64::engine::general_purpose::STANDARD.encode(gzip(YAML.as_bytes()));
+        for (ctype, body) in [
+            (
+                "text/x-shellscript\nContent-Transfer-Encoding: base64",
+                b64gz.as_str(),
+            ),
+            ("application/octet-stream", YAML),
+            ("image/png", YAML),
+            ("text/plain", r#"{"troops": {"remotes": {"o": "git@h:x"}}}"#),
+        ] {
+            assert_eq!(absent(mime(&[(ctype, body)]).as_bytes()), None, "{ctype}");
+        }
+        // A gzip part of a gzip type is unpacked and looked at.
+        let m = mime(&[(
+            "application/x-gzip\nContent-Transfer-Encoding: base64",
+            b64gz.as_str(),
+        )]);
+        found(m.as_bytes());
         // MIME-Version anywhere in the first 4096 bytes, any case; a Subject first, or an
         // mbox From line.
         let m = mime(&[("text/cloud-config", YAML)]);
@@ -864,6 +1056,12 @@ mod tests {
         ] {
             found(format!("{front}{}", m.replace("MIME-Version", "mime-VERSION")).as_bytes());
         }
+        // "MIME-Version:" inside a cloud-config is text, not headers (the first line is not
+        // one).
+        let inside = format!(
+            "#cloud-config\nwrite_files:\n - path: /etc/mail/t\n   content: \"MIME-Version: 1.0\"\n{SECTION}"
+        );
+        found(inside.as_bytes());
         let two = mime(&[("text/cloud-config", YAML), ("text/cloud-config", YAML)]);
         assert!(
             parse(two.as_bytes(), "m")
@@ -889,6 +1087,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("troops.roles"), "{e}");
+        let e = parse(
+            b"#cloud-config\ntroops:\n  roles: [web]\n  roles: [db]\n",
+            "y",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("\"roles\" is given twice"), "{e}");
         let e = parse(b"#cloud-config\ntroops:\n  roles: [.inf]\n", "y")
             .unwrap_err()
             .to_string();
