@@ -124,16 +124,12 @@ pub fn socket_dropin(group: &str) -> String {
 }
 
 /// `'…'` for sh, whatever the path holds.
-fn sh_quote(p: &Path) -> String {
-    format!("'{}'", p.display().to_string().replace('\'', "'\\''"))
-}
-
 /// The hook scripts: each hands the push to `troops hook`, under this node's root.
 pub fn hook_script(exe: &Path, root: &Path, which: &str) -> String {
     format!(
         "#!/bin/sh\n# Installed by `troops init`, which rewrites it: a push to this node goes through troops.\nexec {} --root {} hook {which}\n",
-        sh_quote(exe),
-        sh_quote(root)
+        keys::shell_quote(exe),
+        keys::shell_quote(root)
     )
 }
 

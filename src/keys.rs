@@ -121,20 +121,25 @@ fn quote(p: &Path) -> String {
     format!("\"{}\"", p.display().to_string().replace('%', "%%"))
 }
 
-/// A path for the shell that git and gix run `core.sshCommand` with: single quotes expand
+/// A path for the shell (`core.sshCommand`, the repository's hooks): single quotes expand
 /// nothing, so a root holding `$(…)` or a space stays one literal word.
-fn shell_quote(p: &Path) -> String {
+pub fn shell_quote(p: &Path) -> String {
     format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
 }
 
-/// Whether ssh's config can name files under `dir`: it has no escape for a double quote,
-/// and a line ends at a newline.
+/// Whether ssh's config can name files under `dir`: it has no escape for a double quote
+/// or `${` (IdentityFile expands environment variables), unescapes backslashes inside
+/// quotes, and ends a line at a newline.
 pub fn check_root(dir: &Path) -> Result<(), String> {
     match dir.to_str() {
         None => Err(format!("{}: not UTF-8", dir.display())),
-        Some(s) if s.contains('"') || s.chars().any(char::is_control) => Err(format!(
-            "{s:?}: a double quote or control character in the node's root cannot be written in ssh's config"
-        )),
+        Some(s)
+            if s.contains(['"', '\\']) || s.contains("${") || s.chars().any(char::is_control) =>
+        {
+            Err(format!(
+                "{s:?}: a double quote, backslash, `${{` or control character in the node's root cannot be written in ssh's config"
+            ))
+        }
         Some(_) => Ok(()),
     }
 }
