@@ -108,6 +108,9 @@ pub struct NodeSpec<'a> {
     pub deb: Option<&'a Path>,
     /// Run in the node's root (chrooted) before it boots.
     pub prepare: &'a str,
+    /// A bare repository copied to /srv/mirror.git before the node boots: a mirror baked
+    /// into the image, which needs no key.
+    pub mirror: Option<&'a Path>,
 }
 
 /// What a killed test run left behind (no Drop runs on SIGKILL): its nodes' processes,
@@ -291,6 +294,12 @@ impl Lab {
         }
         if let Some(deb) = spec.deb {
             fs::copy(deb, root.join("var/tmp/troops.deb")).unwrap();
+        }
+        if let Some(mirror) = spec.mirror {
+            run(Command::new("cp")
+                .arg("-a")
+                .arg(mirror)
+                .arg(root.join("srv/mirror.git")));
         }
         if !spec.prepare.is_empty() {
             run(Command::new("chroot")

@@ -177,6 +177,39 @@ fn record_of(node: &Node, commit: &str, trigger: &str) -> serde_json::Value {
     )
 }
 
+/// From the journal: how long after troops-init.service started the seed was read, and the
+/// first deploy started and ended. Printed for the README's first-boot figures; asserted
+/// only to have happened in that order, within troops-init.
+fn first_boot_timing(node: &Node, commit: &str) {
+    let lines = wait_for(
+        Duration::from_secs(180),
+        "the first deploy within troops-init on cloud",
+        || {
+            let j = node.ok("journalctl -u troops-init.service -o short-unix --no-pager");
+            j.contains(&format!("e2e: deployed {commit}")).then_some(j)
+        },
+    );
+    let at = |what: &dyn Fn(&str) -> bool| -> f64 {
+        let line = lines
+            .lines()
+            .find(|l| what(l))
+            .unwrap_or_else(|| panic!("not in troops-init's journal:\n{lines}"));
+        line.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let start = at(&|l| l.contains("Starting troops-init.service"));
+    let seed = at(&|l| l.contains("troops: seed from"));
+    let deploying = at(&|l| l.contains(&format!("deploying {}", &commit[..12])));
+    let deployed = at(&|l| l.contains(&format!("e2e: deployed {commit}")));
+    assert!(start <= seed && seed <= deploying && deploying <= deployed);
+    println!(
+        "booted: first boot on {}: seed read {:.2} s after troops-init started, first deploy started at {:.2} s and deploy.py done at {:.2} s",
+        node.name,
+        seed - start,
+        deploying - start,
+        deployed - start
+    );
+}
+
 /// The node's key, authorised for the git account on the server.
 fn authorise(lab: &Lab, node: &Node) {
     let key = node.ok("troops key");
@@ -222,6 +255,7 @@ fn nodes_boot_install_the_package_and_deploy_themselves() {
              git init -q --bare -b master /home/git/deploy
              chown -R git:git /home/git"
         ),
+        mirror: None,
     });
     let gitsrv_ip = lab.node("gitsrv").ip.clone();
     work.push(&lab, &format!("git@{gitsrv_ip}:deploy"));
@@ -248,15 +282,28 @@ fn nodes_boot_install_the_package_and_deploy_themselves() {
         must_replace(&text, "interval = 120", "interval = 10")
     };
 
-    // 1. cloud-init installs the package from a NoCloud seed (the YAML example).
+    // 1. cloud-init installs the package from a NoCloud seed (the YAML example), with a
+    // mirror baked into the image beside the git server: the first deploy needs no key, so
+    // it happens within troops-init, and its timing is the first-boot figure.
+    let mirror = lab.dir.join("mirror.git");
+    run(Command::new("git")
+        .args(["clone", "-q", "--bare"])
+        .arg(&work.dir)
+        .arg(&mirror));
     lab.boot(NodeSpec {
         name: "cloud",
         image: &bookworm,
-        nocloud: Some(personalise(&example("user-data.yaml"))),
+        nocloud: Some(must_replace(
+            &personalise(&example("user-data.yaml")),
+            "        origin: \"git@gitsrv:deploy\"\n",
+            "        origin: \"git@gitsrv:deploy\"\n        mirror: \"file:///srv/mirror.git\"\n",
+        )),
         imds: None,
         deb: Some(&deb),
         prepare: "",
+        mirror: Some(&mirror),
     });
+    first_boot_timing(lab.node("cloud"), &c1);
     // 6. The same .deb on trixie, from the MIME example.
     lab.boot(NodeSpec {
         name: "trixie",
@@ -265,6 +312,7 @@ fn nodes_boot_install_the_package_and_deploy_themselves() {
         imds: None,
         deb: Some(&deb),
         prepare: "",
+        mirror: None,
     });
     for name in ["cloud", "trixie"] {
         let node = lab.node(name);
@@ -333,6 +381,7 @@ fn nodes_boot_install_the_package_and_deploy_themselves() {
         imds: None,
         deb: Some(&deb),
         prepare: "mkdir -p /etc/troops; echo 'interval = 10' > /etc/troops/troops.toml",
+        mirror: None,
     });
     let answers = format!(
         "troops troops/remotes string origin=git@gitsrv:deploy\n\
@@ -370,6 +419,7 @@ fn nodes_boot_install_the_package_and_deploy_themselves() {
         // has no EC2 datasource, so the image has it already.
         prepare: "useradd -m ops; mkdir -p /etc/troops
                   printf 'imds = \"http://169.254.169.254\"\\ninterval = 10\\n' > /etc/troops/troops.toml",
+        mirror: None,
     });
     let imds = lab.node("imds");
     imds.ok("DEBIAN_FRONTEND=noninteractive dpkg -i /var/tmp/troops.deb");
