@@ -159,18 +159,20 @@ pub fn run(root: &Path, args: &Args, stdout_is_journal: bool) -> Result<u8> {
     // Locked only now: a plan that fails must not leave even a lock file on a fresh node.
     let lock = super::lock_node(&layout)?;
     let changes = plan.changes.clone();
-    init::apply(&layout, plan, &format!("troops@{}", hostname()))
-        .context("init failed; the node is as it was")?;
     if changes.is_empty() {
         println!(
             "troops: node at {} is up to date (seed from {origin}); nothing changed",
             root.display()
         );
     } else {
+        // Said before the work (the key takes a moment): the journal's timestamps then show
+        // what the seed and what init's own work cost.
         println!("troops: seed from {origin}");
-        for c in changes {
-            println!("troops: {c}");
-        }
+    }
+    init::apply(&layout, plan, &format!("troops@{}", hostname()))
+        .context("init failed; the node is as it was")?;
+    for c in changes {
+        println!("troops: {c}");
     }
     enable_timer(root);
     if args.no_pull {

@@ -198,13 +198,15 @@ fn first_boot_timing(node: &Node, commit: &str) {
     };
     let start = at(&|l| l.contains("Starting troops-init.service"));
     let seed = at(&|l| l.contains("troops: seed from"));
+    let made = at(&|l| l.contains("troops: ssh key: make"));
     let deploying = at(&|l| l.contains(&format!("deploying {}", &commit[..12])));
     let deployed = at(&|l| l.contains(&format!("e2e: deployed {commit}")));
-    assert!(start <= seed && seed <= deploying && deploying <= deployed);
+    assert!(start <= seed && seed <= made && made <= deploying && deploying <= deployed);
     println!(
-        "booted: first boot on {}: seed read {:.2} s after troops-init started, first deploy started at {:.2} s and deploy.py done at {:.2} s",
+        "booted: first boot on {}: seed read {:.2} s after troops-init started; key, repositories and shared pip made by {:.2} s; first deploy started at {:.2} s, deploy.py done at {:.2} s",
         node.name,
         seed - start,
+        made - start,
         deploying - start,
         deployed - start
     );
