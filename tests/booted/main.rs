@@ -433,7 +433,8 @@ fn nodes_boot_install_the_package_and_deploy_themselves() {
         "troops-init.service on imds",
         || {
             let j = imds.journal("troops-init.service");
-            j.contains("troops: seed from").then_some(j)
+            // "seed from" comes as init starts its work; this once the key is made.
+            j.contains("troops: ssh key: make").then_some(j)
         },
     );
     assert!(
