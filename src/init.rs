@@ -72,6 +72,8 @@ pub struct Plan {
     node_remotes: Vec<(String, String)>,
     /// The shared repo's objects/info/alternates, to write.
     alternates: Option<String>,
+    /// The shared repo's HEAD, when it does not name the branch.
+    repo_head: Option<String>,
     make_key: bool,
     files: Vec<(PathBuf, String, u32)>,
     create_group: bool,
@@ -381,6 +383,22 @@ pub fn plan(layout: &Layout, req: &Request) -> Result<Plan, InitError> {
         );
     }
 
+    // A clone of either repository checks out HEAD: it names the node's branch, also after
+    // a re-init that changed it.
+    let head = format!("ref: refs/heads/{}\n", settings.branch);
+    let stale_head =
+        |repo: &Path| fs::read_to_string(repo.join("HEAD")).ok().as_deref() != Some(head.as_str());
+    let repo_head = (!new_repo && stale_head(&repo_path)).then(|| head.clone());
+    if !new_node_repo && stale_head(&node_path) {
+        files.push((node_path.join("HEAD"), head.clone(), 0o644));
+    }
+    if repo_head.is_some() || (!new_node_repo && stale_head(&node_path)) {
+        changes.push(format!(
+            "repository: HEAD -> refs/heads/{}",
+            settings.branch
+        ));
+    }
+
     // Pushers' receive-pack must see the commits root fetched.
     let alternates = format!("{}\n", node_path.join("objects").display());
     let alternates = (fs::read_to_string(repo_path.join("objects/info/alternates")).ok()
@@ -478,6 +496,7 @@ pub fn plan(layout: &Layout, req: &Request) -> Result<Plan, InitError> {
         node_config,
         node_remotes,
         alternates,
+        repo_head,
         make_key,
         files,
         create_group,
@@ -772,6 +791,14 @@ fn stage_and_commit_all(
             staged.push(StagedFile::write_beneath(
                 &layout.repo(),
                 Path::new("objects/info/alternates"),
+                text.as_bytes(),
+                0o644,
+            )?);
+        }
+        if let Some(text) = &plan.repo_head {
+            staged.push(StagedFile::write_beneath(
+                &layout.repo(),
+                Path::new("HEAD"),
                 text.as_bytes(),
                 0o644,
             )?);

@@ -83,6 +83,15 @@ fn init_refuses_bad_remotes_names_and_branches_and_writes_nothing() {
             &["--remote", "o=file:///srv/a.git", "--python", "python3"],
             "--python python3: not an absolute path",
         ),
+        (
+            &[
+                "--remote",
+                "o=file:///srv/a.git",
+                "--admin",
+                "no-such-user-troops",
+            ],
+            "--admin no-such-user-troops: no such user",
+        ),
     ];
     for (args, expect) in cases {
         let mut all = vec!["init", "--no-pull", "--group", &world.group];

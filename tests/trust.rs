@@ -466,13 +466,13 @@ fn a_failed_init_leaves_every_file_as_it_was() {
             .collect();
         assert!(changed.is_empty(), "{what}: changed {changed:?}");
     }
-    // Admins that do not exist: refused before anything is written, too.
+    // An interpreter that is not there: refused before anything is written, too. (An admin
+    // who does not exist yet is no longer a failure: it is pending.)
     std::fs::write(
         &seed,
         format!(
-            r#"{{"troops": {{"remotes": {{"origin": "file://{}"}}, "admins": ["nosuchuser{}"], "verify": "all", "allowed_signers": ["ops@example.com ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"]}}}}"#,
+            r#"{{"troops": {{"remotes": {{"origin": "file://{}"}}, "verify": "all", "allowed_signers": ["ops@example.com ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"]}}}}"#,
             remote.display(),
-            std::process::id()
         ),
     )
     .unwrap();
@@ -483,6 +483,8 @@ fn a_failed_init_leaves_every_file_as_it_was() {
         &node.group,
         "--seed",
         seed.to_str().unwrap(),
+        "--python",
+        "/nonexistent/python3",
     ])
     .failed();
     assert_eq!(snapshot(&node.root), before);

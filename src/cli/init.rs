@@ -121,6 +121,13 @@ pub fn run(root: &Path, args: &Args, stdout_is_journal: bool) -> Result<u8> {
     }
     let mut flags = init::flags_seed(&remotes, &args.roles, args.branch.as_deref());
     if !args.admins.is_empty() {
+        // Typed by a person: a name that is not a user is a mistake to say now. An admin a
+        // seed names may be made later by cloud-init, and waits (admins.rs).
+        for a in &args.admins {
+            if !troops::accounts::user_exists(a)? {
+                anyhow::bail!("--admin {a}: no such user on this machine");
+            }
+        }
         flags.admins = Some(args.admins.clone());
     }
     flags.validate("the command line")?;
