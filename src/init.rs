@@ -75,6 +75,8 @@ pub struct Plan {
     /// The shared repo's HEAD, when it does not name the branch.
     repo_head: Option<String>,
     make_key: bool,
+    /// No remote needs the key: it is made while the first pull fetches.
+    key_waits: bool,
     files: Vec<(PathBuf, String, u32)>,
     create_group: bool,
     admins: Vec<String>,
@@ -308,6 +310,11 @@ pub fn plan(layout: &Layout, req: &Request) -> Result<Plan, InitError> {
     changes.extend(said);
 
     let make_key = !keys::private_key(&ssh_dir).exists();
+    let key_waits = make_key
+        && !current
+            .iter()
+            .chain(&remotes)
+            .any(|(_, url)| crate::names::needs_ssh_key(url));
     if make_key {
         changes.push(format!(
             "ssh key: make {} (RSA {})",
@@ -498,6 +505,7 @@ pub fn plan(layout: &Layout, req: &Request) -> Result<Plan, InitError> {
         alternates,
         repo_head,
         make_key,
+        key_waits,
         files,
         create_group,
         admins,
@@ -681,8 +689,10 @@ pub fn share_with_group(repo: &Path, gid: u32, access: GroupAccess) -> Result<bo
     Ok(changed)
 }
 
-/// Carry out `plan`. `key_comment` names the key (`troops@host`).
-pub fn apply(layout: &Layout, plan: Plan, key_comment: &str) -> Result<(), InitError> {
+/// Carry out `plan`. `key_comment` names the key (`troops@host`). What is left running
+/// (the key, when no remote needs it; the shared pip) is the caller's to `finish`, after the
+/// first pull if there is one.
+pub fn apply(layout: &Layout, plan: Plan, key_comment: &str) -> Result<Background, InitError> {
     let group = plan.settings.admin_group.clone();
     // Host changes first: they can be undone if anything after them fails.
     if plan.create_group {
@@ -693,6 +703,54 @@ pub fn apply(layout: &Layout, plan: Plan, key_comment: &str) -> Result<(), InitE
         let _ = accounts::delete_group(&group);
     }
     result
+}
+
+type Warm = std::thread::JoinHandle<Result<PathBuf, crate::deploy::venv::VenvError>>;
+type KeyJob = std::thread::JoinHandle<Result<keys::StagedKey, KeyError>>;
+
+/// init's slow work that the first fetch need not wait for: the node's key (RSA, half a
+/// second or so) when no remote is reached over ssh, and unpacking and compiling the shared
+/// pip (which the first deploy waits for only if it installs requirements).
+#[must_use = "the key is put in place by finish()"]
+pub struct Background {
+    key: Option<(KeyJob, PathBuf)>,
+    warm: Option<Warm>,
+}
+
+impl Background {
+    /// Wait for it all, and put the key in place.
+    pub fn finish(mut self) -> Result<(), InitError> {
+        if let Some(warm) = self.warm.take() {
+            match warm.join() {
+                Ok(Err(e)) => tracing::debug!("could not prepare the shared pip yet: {e}"),
+                Err(_) => tracing::debug!("preparing the shared pip panicked"),
+                Ok(Ok(_)) => {}
+            }
+        }
+        if let Some((job, ssh_dir)) = self.key.take() {
+            let staged = job.join().unwrap_or_else(|_| {
+                Err(KeyError::Keygen {
+                    path: keys::private_key(&ssh_dir),
+                    message: "making the key panicked".into(),
+                })
+            })?;
+            staged.commit()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Background {
+    /// Not finished (init failed, or a panic): the threads end before the process does, and
+    /// a key made meanwhile is removed with its staging directory.
+    fn drop(&mut self) {
+        if let Some(warm) = self.warm.take() {
+            let _ = warm.join();
+        }
+        if let Some((job, _)) = self.key.take() {
+            let _ = job.join();
+        }
+    }
 }
 
 /// A directory built aside and renamed into place; removed if it never gets there.
@@ -727,10 +785,15 @@ fn stage_and_commit(
     plan: &Plan,
     key_comment: &str,
     group: &str,
-) -> Result<(), InitError> {
-    // The interpreter's shared pip is unpacked and compiled while the key is made (both
-    // take a second or so), so that the first deploy does not pay for it. It is a cache:
-    // if init fails, one it made is removed again, and if this fails the deploy does it.
+) -> Result<Background, InitError> {
+    // The interpreter's shared pip is unpacked and compiled in the background, so that the
+    // first deploy does not pay for it. It is a cache: if init fails, one it made is
+    // removed again, and if this fails the deploy does it.
+    if plan.make_key {
+        // Before anything else writes there: the key's directory is root's alone.
+        let ssh_dir = layout.ssh_dir();
+        fsutil::create_dirs(&ssh_dir, 0o700).map_err(io_err(&ssh_dir))?;
+    }
     let shared = layout.shared_pip();
     // What to remove if init fails: the outermost directory the warm-up may create.
     let created = shared
@@ -745,16 +808,28 @@ fn stage_and_commit(
             crate::deploy::venv::prepare_shared(&python, &shared, &mut |_| {})
         })
     };
-    let done = stage_and_commit_all(layout, plan, key_comment, group);
-    match warm.join() {
-        Ok(Err(e)) => tracing::debug!("could not prepare the shared pip yet: {e}"),
-        Err(_) => tracing::debug!("preparing the shared pip panicked"),
-        Ok(Ok(_)) => {}
+    let key = (plan.make_key && plan.key_waits).then(|| {
+        let (ssh_dir, comment) = (layout.ssh_dir(), key_comment.to_owned());
+        let job = {
+            let ssh_dir = ssh_dir.clone();
+            std::thread::spawn(move || keys::generate(&ssh_dir, &comment))
+        };
+        (job, ssh_dir)
+    });
+    let background = Background {
+        key,
+        warm: Some(warm),
+    };
+    match stage_and_commit_all(layout, plan, key_comment, group) {
+        Ok(()) => Ok(background),
+        Err(e) => {
+            drop(background);
+            if let Some(dir) = &created {
+                let _ = fs::remove_dir_all(dir);
+            }
+            Err(e)
+        }
     }
-    if let (Err(_), Some(dir)) = (&done, &created) {
-        let _ = fs::remove_dir_all(dir);
-    }
-    done
 }
 
 fn stage_and_commit_all(
@@ -768,7 +843,7 @@ fn stage_and_commit_all(
         message: "the group vanished".into(),
     })?;
     // Stage: everything that can fail is done aside, before anything is replaced.
-    let key = if plan.make_key {
+    let key = if plan.make_key && !plan.key_waits {
         Some(keys::generate(&layout.ssh_dir(), key_comment)?)
     } else {
         None

@@ -146,6 +146,20 @@ pub fn check_url(name: &str, url: &str) -> Result<(), NameError> {
     }
 }
 
+/// Whether fetching `url` runs ssh, and so needs the node's key: an ssh URL or the
+/// scp-like `[user@]host:path` (as `check_url` reads it).
+pub fn needs_ssh_key(url: &str) -> bool {
+    match url.split_once("://") {
+        Some((scheme, _)) => matches!(scheme, "ssh" | "git+ssh" | "ssh+git"),
+        None => {
+            !url.starts_with('/')
+                && url
+                    .split_once(':')
+                    .is_some_and(|(host, _)| !host.is_empty() && !host.contains('/'))
+        }
+    }
+}
+
 /// Split `NAME=URL` as given on the command line.
 pub fn parse_remote_spec(spec: &str) -> Result<(String, String), NameError> {
     let (name, url) = spec
@@ -204,6 +218,22 @@ mod tests {
             "", "a..b", "x.lock", "-x", "a b", "a:b", ".hidden", "HEAD", "a/",
         ] {
             assert!(check_branch(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn which_urls_need_the_key() {
+        for url in ["git@h:x", "h:x.git", "ssh://git@h:22/x", "git+ssh://h/x"] {
+            assert!(needs_ssh_key(url), "{url}");
+        }
+        for url in [
+            "file:///srv/x.git",
+            "/srv/x.git",
+            "https://h/x.git",
+            "git://h/x",
+            "http://h:80/x",
+        ] {
+            assert!(!needs_ssh_key(url), "{url}");
         }
     }
 

@@ -17,11 +17,18 @@ use thiserror::Error;
 
 /// Whether a fetch may have failed because another fetch wrote the same pack at the same
 /// moment (each removes its pack's .keep file when done: the other then finds it gone).
-/// Anything else that looks the same costs one serialised retry, no more.
+/// Anything else that looks the same costs one serialised retry, no more. A fetch that
+/// began while another was replacing a same-named pack can also find a tracking ref whose
+/// object is, for that moment, in no pack ("object could not be found").
 fn collided(message: &str) -> bool {
-    ["os error 2)", "os error 17)", ".keep"]
-        .iter()
-        .any(|m| message.contains(m))
+    [
+        "os error 2)",
+        "os error 17)",
+        ".keep",
+        "object could not be found",
+    ]
+    .iter()
+    .any(|m| message.contains(m))
 }
 
 /// One commit of [`Repo::commit_graph`].

@@ -984,3 +984,45 @@ fn the_seed_file_on_the_node_is_read_only_as_root_wrote_it() {
     init(&node, &[]).ok();
     assert_seeded(&node, &r);
 }
+
+#[test]
+fn a_node_whose_remotes_need_no_key_deploys_while_its_key_is_made() {
+    let world = World::new();
+    let remote = world.bare("origin");
+    let up = world.upstream("src");
+    up.write("deploy.py", "print('deployed at first boot')\n");
+    let head = up.commit("one");
+    up.push(&remote);
+    let node = world.node("keyless");
+    // init with its first pull: the key is made beside the fetch, and in place when init
+    // returns.
+    let out = node
+        .troops(&[
+            "init",
+            "--group",
+            &node.group,
+            "--remote",
+            &format!("origin=file://{}", remote.display()),
+        ])
+        .ok();
+    assert!(
+        out.stdout.contains("deployed at first boot"),
+        "{}",
+        out.all()
+    );
+    assert_eq!(node.deployed().as_deref(), Some(head.as_str()));
+    for f in ["id_rsa", "id_rsa.pub"] {
+        assert!(
+            node.path(&format!("var/lib/troops/ssh/{f}")).exists(),
+            "{f}"
+        );
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(node.path("var/lib/troops/ssh"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".new-key"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    node.troops(&["key"]).ok();
+}

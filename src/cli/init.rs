@@ -176,13 +176,16 @@ pub fn run(root: &Path, args: &Args, stdout_is_journal: bool) -> Result<u8> {
         // what the seed and what init's own work cost.
         println!("troops: seed from {origin}");
     }
-    init::apply(&layout, plan, &format!("troops@{}", hostname()))
+    let background = init::apply(&layout, plan, &format!("troops@{}", hostname()))
         .context("init failed; the node is as it was")?;
     for c in changes {
         println!("troops: {c}");
     }
     enable_timer(root);
     if args.no_pull {
+        background
+            .finish()
+            .context("init failed to make the node's key")?;
         return Ok(0);
     }
     drop(lock);
@@ -195,6 +198,10 @@ pub fn run(root: &Path, args: &Args, stdout_is_journal: bool) -> Result<u8> {
         Ok(_) => eprintln!("troops: the first pull did not deploy; {hint}"),
         Err(e) => eprintln!("troops: the first pull failed: {e:#}; {hint}"),
     }
+    // Made while the first pull fetched, when no remote needed it.
+    background
+        .finish()
+        .context("init failed to make the node's key")?;
     Ok(0)
 }
 

@@ -384,8 +384,8 @@ fn shared_pip(spec: &VenvSpec, on_line: &mut dyn FnMut(&str)) -> Result<PathBuf,
 }
 
 /// The shared pip of `python` under `shared`, unpacked and byte-compiled if it is not
-/// there yet. init calls it beside making the node's key, so that the first deploy finds
-/// it ready: compiling pip's modules is most of what a cold `pip install` costs.
+/// there yet. init starts it in the background, so that the first deploy finds it ready
+/// (or waits for it): compiling pip's modules is most of what a cold `pip install` costs.
 pub fn prepare_shared(
     python: &Path,
     shared: &Path,
@@ -409,6 +409,13 @@ pub fn prepare_shared(
         message,
     };
     fsutil::create_dirs(shared, 0o755).map_err(|e| fail(e.to_string()))?;
+    // init may still be preparing it in the background when the first deploy wants it:
+    // one at a time, and the second finds it done.
+    let _lock =
+        crate::lock::acquire(&shared.join(".lock"), || {}).map_err(|e| fail(e.to_string()))?;
+    if dir.join(READY).exists() {
+        return Ok(dir);
+    }
     on_line(&format!(
         "troops: unpacking {}'s bundled pip into {}",
         spec_python.display(),
@@ -439,7 +446,7 @@ import pip
 os.sync()
 print(os.path.basename(found["pip"]))
 "#;
-    // What an unpack killed halfway left (the caller holds the node lock: none is running).
+    // What an unpack killed halfway left (under the lock: none is running).
     for entry in fs::read_dir(shared).into_iter().flatten().flatten() {
         if entry
             .file_name()

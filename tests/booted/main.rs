@@ -203,7 +203,7 @@ fn first_boot_timing(node: &Node, commit: &str) {
     let deployed = at(&|l| l.contains(&format!("e2e: deployed {commit}")));
     assert!(start <= seed && seed <= made && made <= deploying && deploying <= deployed);
     println!(
-        "booted: first boot on {}: seed read {:.2} s after troops-init started; key, repositories and shared pip made by {:.2} s; first deploy started at {:.2} s, deploy.py done at {:.2} s",
+        "booted: first boot on {}: seed read {:.2} s after troops-init started; init's files and repositories written by {:.2} s; first deploy started at {:.2} s, deploy.py done at {:.2} s",
         node.name,
         seed - start,
         made - start,
