@@ -412,7 +412,7 @@ pub fn prepare_shared(
     // init may still be preparing it in the background when the first deploy wants it:
     // one at a time, and the second finds it done.
     let _lock =
-        crate::lock::acquire(&shared.join(".lock"), || {}).map_err(|e| fail(e.to_string()))?;
+        crate::lock::acquire(&shared.join("lock"), || {}).map_err(|e| fail(e.to_string()))?;
     if dir.join(READY).exists() {
         return Ok(dir);
     }
