@@ -310,6 +310,9 @@ pub fn plan(layout: &Layout, req: &Request) -> Result<Plan, InitError> {
     changes.extend(said);
 
     let make_key = !keys::private_key(&ssh_dir).exists();
+    if make_key {
+        keys::check_keygen()?;
+    }
     let key_waits = make_key
         && !current
             .iter()
@@ -706,19 +709,28 @@ pub fn apply(layout: &Layout, plan: Plan, key_comment: &str) -> Result<Backgroun
 }
 
 type Warm = std::thread::JoinHandle<Result<PathBuf, crate::deploy::venv::VenvError>>;
-type KeyJob = std::thread::JoinHandle<Result<keys::StagedKey, KeyError>>;
+type KeyJob = std::thread::JoinHandle<Result<(), KeyError>>;
 
 /// init's slow work that the first fetch need not wait for: the node's key (RSA, half a
 /// second or so) when no remote is reached over ssh, and unpacking and compiling the shared
-/// pip (which the first deploy waits for only if it installs requirements).
-#[must_use = "the key is put in place by finish()"]
+/// pip (which the first deploy waits for only if it installs requirements). The key is put
+/// in place as soon as it is made and init's files are committed, while the fetch runs.
+#[must_use = "finish() says whether the key was made"]
 pub struct Background {
-    key: Option<(KeyJob, PathBuf)>,
+    key: Option<KeyJob>,
+    /// Tells the key's thread that init committed (true) or failed (false).
+    verdict: Option<std::sync::mpsc::Sender<bool>>,
     warm: Option<Warm>,
 }
 
 impl Background {
-    /// Wait for it all, and put the key in place.
+    fn commit(&mut self, ok: bool) {
+        if let Some(tx) = self.verdict.take() {
+            let _ = tx.send(ok);
+        }
+    }
+
+    /// Wait for it all: whether the key was made and put in place.
     pub fn finish(mut self) -> Result<(), InitError> {
         if let Some(warm) = self.warm.take() {
             match warm.join() {
@@ -727,14 +739,13 @@ impl Background {
                 Ok(Ok(_)) => {}
             }
         }
-        if let Some((job, ssh_dir)) = self.key.take() {
-            let staged = job.join().unwrap_or_else(|_| {
+        if let Some(job) = self.key.take() {
+            job.join().unwrap_or_else(|_| {
                 Err(KeyError::Keygen {
-                    path: keys::private_key(&ssh_dir),
+                    path: PathBuf::from("id_rsa"),
                     message: "making the key panicked".into(),
                 })
             })?;
-            staged.commit()?;
         }
         Ok(())
     }
@@ -744,10 +755,11 @@ impl Drop for Background {
     /// Not finished (init failed, or a panic): the threads end before the process does, and
     /// a key made meanwhile is removed with its staging directory.
     fn drop(&mut self) {
+        self.commit(false);
         if let Some(warm) = self.warm.take() {
             let _ = warm.join();
         }
-        if let Some((job, _)) = self.key.take() {
+        if let Some(job) = self.key.take() {
             let _ = job.join();
         }
     }
@@ -808,20 +820,28 @@ fn stage_and_commit(
             crate::deploy::venv::prepare_shared(&python, &shared, &mut |_| {})
         })
     };
+    let (verdict, told) = std::sync::mpsc::channel::<bool>();
     let key = (plan.make_key && plan.key_waits).then(|| {
         let (ssh_dir, comment) = (layout.ssh_dir(), key_comment.to_owned());
-        let job = {
-            let ssh_dir = ssh_dir.clone();
-            std::thread::spawn(move || keys::generate(&ssh_dir, &comment))
-        };
-        (job, ssh_dir)
+        std::thread::spawn(move || {
+            let staged = keys::generate(&ssh_dir, &comment)?;
+            // In place only once init has committed the node; dropped (and removed) if not.
+            match told.recv() {
+                Ok(true) => staged.commit(),
+                _ => Ok(()),
+            }
+        })
     });
-    let background = Background {
+    let mut background = Background {
         key,
+        verdict: Some(verdict),
         warm: Some(warm),
     };
     match stage_and_commit_all(layout, plan, key_comment, group) {
-        Ok(()) => Ok(background),
+        Ok(()) => {
+            background.commit(true);
+            Ok(background)
+        }
         Err(e) => {
             drop(background);
             if let Some(dir) = &created {

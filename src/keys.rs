@@ -98,13 +98,35 @@ pub fn generate(ssh_dir: &Path, comment: &str) -> Result<StagedKey, KeyError> {
 
 impl StagedKey {
     /// Put the key in place: the public half first, so a crash in between leaves no private
-    /// key without its public one (and the next init makes a fresh pair).
+    /// key without its public one (and the next init makes a fresh pair). Under the ssh
+    /// directory's own lock, and never over a key another init put there meanwhile: the key
+    /// is made once, and a printed key stays the node's.
     pub fn commit(self) -> Result<(), KeyError> {
+        let lock_path = self.ssh_dir.join("lock");
+        let _lock = crate::lock::acquire(&lock_path, || {}).map_err(io_err(&lock_path))?;
+        if private_key(&self.ssh_dir).exists() {
+            return Ok(());
+        }
         for f in ["id_rsa.pub", "id_rsa"] {
             let dest = self.ssh_dir.join(f);
             fs::rename(self.tmp.join(f), &dest).map_err(io_err(&dest))?;
         }
         fsutil::sync_dir(&self.ssh_dir).map_err(io_err(&self.ssh_dir))
+    }
+}
+
+/// Whether ssh-keygen is where `generate` runs it from: said at plan time, before init
+/// changes anything, even when the key is made later beside the first pull.
+pub fn check_keygen() -> Result<(), KeyError> {
+    match ["/usr/bin/ssh-keygen", "/bin/ssh-keygen"]
+        .iter()
+        .any(|p| Path::new(p).exists())
+    {
+        true => Ok(()),
+        false => Err(KeyError::Spawn(io::Error::new(
+            io::ErrorKind::NotFound,
+            "no ssh-keygen in /usr/bin or /bin",
+        ))),
     }
 }
 

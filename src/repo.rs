@@ -752,7 +752,8 @@ impl Repo {
         match self.fetch_attempt(&attempt, false) {
             Err(RepoError::Fetch { message, .. }) if collided(&message) => {
                 tracing::debug!("{remote}: a pack collided with another fetch's; again");
-                self.fetch_attempt(&attempt, true)
+                // A fresh handle: the object database as it is now, with the other's pack.
+                Repo::open(&self.path)?.fetch_attempt(&attempt, true)
             }
             other => other,
         }

@@ -183,9 +183,9 @@ pub fn run(root: &Path, args: &Args, stdout_is_journal: bool) -> Result<u8> {
     }
     enable_timer(root);
     if args.no_pull {
-        background
-            .finish()
-            .context("init failed to make the node's key")?;
+        background.finish().context(
+            "the node is set up, but its key could not be made; run `troops init` again",
+        )?;
         return Ok(0);
     }
     drop(lock);
@@ -198,10 +198,11 @@ pub fn run(root: &Path, args: &Args, stdout_is_journal: bool) -> Result<u8> {
         Ok(_) => eprintln!("troops: the first pull did not deploy; {hint}"),
         Err(e) => eprintln!("troops: the first pull failed: {e:#}; {hint}"),
     }
-    // Made while the first pull fetched, when no remote needed it.
+    // Made while the first pull fetched, when no remote needed it (and in place by now,
+    // unless making it failed).
     background
         .finish()
-        .context("init failed to make the node's key")?;
+        .context("the node is set up, but its key could not be made; run `troops init` again")?;
     Ok(0)
 }
 

@@ -411,8 +411,10 @@ pub fn prepare_shared(
     fsutil::create_dirs(shared, 0o755).map_err(|e| fail(e.to_string()))?;
     // init may still be preparing it in the background when the first deploy wants it:
     // one at a time, and the second finds it done.
-    let _lock =
-        crate::lock::acquire(&shared.join("lock"), || {}).map_err(|e| fail(e.to_string()))?;
+    let _lock = crate::lock::acquire(&shared.join("lock"), || {
+        on_line("troops: waiting for the shared pip, which init is still preparing")
+    })
+    .map_err(|e| fail(e.to_string()))?;
     if dir.join(READY).exists() {
         return Ok(dir);
     }
