@@ -104,6 +104,7 @@ impl StagedKey {
     pub fn commit(self) -> Result<(), KeyError> {
         let lock_path = self.ssh_dir.join("lock");
         let _lock = crate::lock::acquire(&lock_path, || {}).map_err(io_err(&lock_path))?;
+        sweep_dead(&self.ssh_dir);
         if private_key(&self.ssh_dir).exists() {
             return Ok(());
         }
@@ -127,6 +128,27 @@ pub fn check_keygen() -> Result<(), KeyError> {
             io::ErrorKind::NotFound,
             "no ssh-keygen in /usr/bin or /bin",
         ))),
+    }
+}
+
+/// Remove what a killed init left half-made: `.new-key-<pid>` directories whose process is
+/// gone (Drop never ran for them). Another live init's directory is its own business.
+fn sweep_dead(ssh_dir: &Path) {
+    let Ok(entries) = fs::read_dir(ssh_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(".new-key-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = fs::remove_dir_all(e.path());
+        }
     }
 }
 

@@ -994,6 +994,11 @@ fn a_node_whose_remotes_need_no_key_deploys_while_its_key_is_made() {
     let head = up.commit("one");
     up.push(&remote);
     let node = world.node("keyless");
+    // What an init killed while ssh-keygen ran leaves: its process is gone (no pid is this
+    // high), so the next init removes it.
+    let stale = node.path("var/lib/troops/ssh/.new-key-4194305");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("id_rsa"), "half a key").unwrap();
     // init with its first pull: the key is made beside the fetch, and in place when init
     // returns.
     let out = node
