@@ -146,7 +146,7 @@ fn sweep_dead(ssh_dir: &Path) {
         else {
             continue;
         };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+        if pid != std::process::id() && !crate::procs::exists(pid) {
             let _ = fs::remove_dir_all(e.path());
         }
     }

@@ -49,6 +49,11 @@ pub fn snapshot() -> Vec<Proc> {
         .collect()
 }
 
+/// Whether a process `pid` is there now (a zombie counts: its pid is not yet free).
+pub fn exists(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
 /// `roots` and every process descending from one of them, in `procs`.
 pub fn tree<'a>(procs: &'a [Proc], roots: &[i32]) -> Vec<&'a Proc> {
     let mut found: Vec<&Proc> = procs.iter().filter(|p| roots.contains(&p.pid)).collect();
