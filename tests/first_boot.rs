@@ -711,6 +711,15 @@ fn imds_failures_name_their_cause_and_report_while_waiting() {
         "no status line while waiting:\n{}",
         out.all()
     );
+    // In the one style people read, not tracing's level column.
+    assert!(
+        out.stderr
+            .lines()
+            .any(|l| l.starts_with("troops: warning: waiting for EC2 metadata at")),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains(" WARN "), "{}", out.stderr);
 
     // The token PUT hangs while GETs answer: the hop limit, named.
     let (_, _, out) = imds_node(&world, Mode::SlowToken, b"", 20);
